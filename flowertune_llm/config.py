@@ -1,0 +1,293 @@
+"""The app's settings: `[tool.flwr.app.config]` parsed and validated into one typed object.
+
+This is the only module that reads `context.run_config`. Keys are kebab-case with dotted groups
+(`model.lora.r`, `train.seq-length`); their defaults live in pyproject.toml alone, and every key
+must be present, so a typo or a missing key stops the run here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+QUANTIZATION_BITS = (4, 8, 16)
+PARTITIONERS = ("iid", "dirichlet", "linear", "square", "exponential")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, mistyped or out of range."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape (peft's `LoraConfig` words)."""
+
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: str = MISSING
+
+    @property
+    def target_module_list(self) -> str | list[str]:
+        """Return peft's `target_modules`: the `all-linear` shorthand or a list of names."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+@dataclass
+class ModelSettings:
+    """Which base model, how it is quantized, and its adapter."""
+
+    name: str = MISSING
+    quantization: int = MISSING
+    gradient_checkpointing: bool = MISSING
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DatasetSettings:
+    """Where the instruction data comes from and how it is split over clients."""
+
+    name: str = MISSING
+    partitioner: str = MISSING
+    partition_by: str = MISSING
+    dirichlet_alpha: float = MISSING
+    validation_fraction: float = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class TrainSettings:
+    """Local training of one client in one round (trl `SFTConfig` words where they exist)."""
+
+    seq_length: int = MISSING
+    learning_rate_max: float = MISSING
+    learning_rate_min: float = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    max_steps: int = MISSING
+    max_grad_norm: float = MISSING
+    optimizer: str = MISSING
+    seed: int = MISSING
+    save_every_round: int = MISSING
+
+
+@dataclass
+class StrategySettings:
+    """Client sampling and the round deadline for FedAvg."""
+
+    fraction_train: float = MISSING
+    fraction_evaluate: float = MISSING
+    min_train_nodes: int = MISSING
+    min_evaluate_nodes: int = MISSING
+    min_available_nodes: int = MISSING
+    round_timeout: float = MISSING
+
+
+@dataclass
+class ResultsSettings:
+    """Where the server writes a run's metrics and adapters."""
+
+    dir: str = MISSING
+    run_name: str = MISSING
+
+
+@dataclass
+class AppConfig:
+    """Every setting of a run."""
+
+    num_server_rounds: int = MISSING
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    results: ResultsSettings = field(default_factory=ResultsSettings)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _schema_keys(schema: type = AppConfig, prefix: str = "") -> dict[str, type]:
+    """Return every run-config key of the schema (kebab-case, dotted) with its Python type."""
+    keys: dict[str, type] = {}
+    for name, field_type in typing.get_type_hints(schema).items():
+        key = prefix + _kebab(name)
+        if dataclasses.is_dataclass(field_type):
+            keys.update(_schema_keys(field_type, key + "."))
+        else:
+            keys[key] = field_type
+    return keys
+
+
+CONFIG_KEYS: dict[str, type] = _schema_keys()
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_types(run_config: Mapping[str, Any]) -> list[str]:
+    """Return one message per unknown, missing or mistyped key."""
+    problems = []
+    for key, value in run_config.items():
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"Unknown config key '{key}'.{hint} Keys are listed in the README.")
+            continue
+        expected = CONFIG_KEYS[key]
+        # TOML gives int for `1` and float for `1.0`; bool is an int subclass and must not pass.
+        accepted = (int, float) if expected is float else (expected,)
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, accepted):
+            problems.append(f"{key} must be {_TYPE_WORDS[expected]}, got {value!r}")
+    for key in CONFIG_KEYS:
+        if key not in run_config:
+            problems.append(f"Missing config key '{key}' (its default is in pyproject.toml).")
+    return problems
+
+
+def _check_values(config: AppConfig) -> list[str]:
+    """Return one message per value out of its accepted range, or cross-field conflict."""
+    problems: list[str] = []
+
+    def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {accepted}, got {value!r}")
+
+    def finite(value: float) -> bool:
+        return math.isfinite(value)
+
+    model, lora, data = config.model, config.model.lora, config.dataset
+    train, strategy = config.train, config.strategy
+    require(config.num_server_rounds >= 1, "num-server-rounds", config.num_server_rounds, ">= 1")
+    require(bool(model.name.strip()), "model.name", model.name, "a hub id, a local folder or 'builtin:tiny-llama'")
+    require(model.quantization in QUANTIZATION_BITS, "model.quantization", model.quantization,
+            "4 or 8 (or 16 for an unquantized bf16 base)")
+    require(lora.r >= 1, "model.lora.r", lora.r, ">= 1")
+    require(finite(lora.alpha) and lora.alpha > 0, "model.lora.alpha", lora.alpha, "> 0")
+    require(finite(lora.dropout) and 0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "in [0, 1)")
+    names = lora.target_module_list
+    require(names == "all-linear" or (bool(names) and all(_MODULE_NAME.match(n) for n in names)),
+            "model.lora.target-modules", lora.target_modules,
+            "'all-linear' or comma-separated module names such as 'q_proj,v_proj'")
+    require(bool(data.name.strip()), "dataset.name", data.name,
+            "a hub id, a local JSON/JSONL/CSV/Parquet file or folder, or 'builtin:tiny-instructions'")
+    require(data.partitioner in PARTITIONERS, "dataset.partitioner", data.partitioner,
+            "one of " + ", ".join(PARTITIONERS))
+    if data.partitioner == "dirichlet":
+        require(bool(data.partition_by.strip()), "dataset.partition-by", data.partition_by,
+                "a column name when dataset.partitioner is 'dirichlet'")
+    require(finite(data.dirichlet_alpha) and data.dirichlet_alpha > 0, "dataset.dirichlet-alpha",
+            data.dirichlet_alpha, "> 0")
+    require(finite(data.validation_fraction) and 0 <= data.validation_fraction <= 0.5,
+            "dataset.validation-fraction", data.validation_fraction, "in [0, 0.5]")
+    require(train.seq_length >= 16, "train.seq-length", train.seq_length, ">= 16")
+    require(finite(train.learning_rate_max) and train.learning_rate_max > 0,
+            "train.learning-rate-max", train.learning_rate_max, "> 0")
+    require(finite(train.learning_rate_min) and 0 <= train.learning_rate_min <= train.learning_rate_max,
+            "train.learning-rate-min", train.learning_rate_min,
+            f"in [0, train.learning-rate-max={train.learning_rate_max}]")
+    require(train.batch_size >= 1, "train.batch-size", train.batch_size, ">= 1")
+    require(train.gradient_accumulation_steps >= 1, "train.gradient-accumulation-steps",
+            train.gradient_accumulation_steps, ">= 1")
+    require(train.max_steps >= 1, "train.max-steps", train.max_steps, ">= 1")
+    require(finite(train.max_grad_norm) and train.max_grad_norm > 0, "train.max-grad-norm",
+            train.max_grad_norm, "> 0")
+    require(bool(train.optimizer.strip()), "train.optimizer", train.optimizer,
+            "a transformers optimizer name such as 'adamw_torch' or 'paged_adamw_8bit'")
+    require(train.save_every_round >= 0, "train.save-every-round", train.save_every_round,
+            ">= 0 (0 saves only the final adapter)")
+    require(finite(strategy.fraction_train) and 0 < strategy.fraction_train <= 1,
+            "strategy.fraction-train", strategy.fraction_train, "in (0, 1]")
+    require(finite(strategy.fraction_evaluate) and 0 <= strategy.fraction_evaluate <= 1,
+            "strategy.fraction-evaluate", strategy.fraction_evaluate, "in [0, 1]")
+    if strategy.fraction_evaluate > 0:
+        require(data.validation_fraction > 0, "dataset.validation-fraction", data.validation_fraction,
+                "> 0 when strategy.fraction-evaluate > 0 (clients evaluate on their held-out share)")
+    for key, value in (("strategy.min-train-nodes", strategy.min_train_nodes),
+                       ("strategy.min-evaluate-nodes", strategy.min_evaluate_nodes),
+                       ("strategy.min-available-nodes", strategy.min_available_nodes)):
+        require(value >= 1, key, value, ">= 1")
+    require(finite(strategy.round_timeout) and strategy.round_timeout > 0, "strategy.round-timeout",
+            strategy.round_timeout, "> 0 seconds")
+    require(bool(config.results.dir.strip()), "results.dir", config.results.dir, "a folder path")
+    require(config.results.run_name == "" or re.fullmatch(r"[A-Za-z0-9._-]+", config.results.run_name)
+            is not None and config.results.run_name not in (".", ".."),
+            "results.run-name", config.results.run_name,
+            "empty (a name is made from the time and setting) or letters, digits, '.', '_', '-'")
+    optimizer_problem = _check_optimizer(train.optimizer)
+    if optimizer_problem:
+        problems.append(optimizer_problem)
+    return problems
+
+
+def _check_optimizer(name: str) -> str | None:
+    from transformers.training_args import OptimizerNames
+
+    accepted = [option.value for option in OptimizerNames]
+    if name in accepted:
+        return None
+    close = difflib.get_close_matches(name, accepted, n=3)
+    hint = " (closest: " + ", ".join(close) + ")" if close else ""
+    return f"train.optimizer must be a transformers optimizer name{hint}, got {name!r}"
+
+
+def _nested(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn flat kebab-case dotted keys into the schema's nested snake_case mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in run_config.items():
+        *groups, leaf = [part.replace("-", "_") for part in key.split(".")]
+        node = nested
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = float(value) if CONFIG_KEYS[key] is float else value
+    return nested
+
+
+def parse_config(run_config: Mapping[str, Any]) -> AppConfig:
+    """Validate a flat run config and return it as one typed `AppConfig`, or raise `ConfigError`."""
+    problems = _check_types(run_config)
+    if problems:
+        raise ConfigError(_one_message(problems))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), _nested(run_config))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:  # _check_types should make this unreachable
+        raise ConfigError(f"Invalid run config: {error}") from error
+    assert isinstance(config, AppConfig)
+    problems = _check_values(config)
+    if problems:
+        raise ConfigError(_one_message(problems))
+    return config
+
+
+def to_run_config(config: AppConfig) -> dict[str, Any]:
+    """Return the flat kebab-case mapping of a config, as saved with a run's results."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for schema_field in dataclasses.fields(node):
+            value = getattr(node, schema_field.name)
+            key = prefix + _kebab(schema_field.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                flat[key] = value
+
+    walk(config, "")
+    return flat
+
+
+def _one_message(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)

@@ -1,0 +1,120 @@
+"""Client data: load the instruction dataset, take this node's partition, split off validation.
+
+Flower Datasets partitions the dataset over the federation's nodes; each record becomes an Alpaca
+`prompt` and the `completion` to learn, the two columns trl's SFTTrainer uses to compute the loss
+on response tokens only.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from datasets import Dataset
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    ExponentialPartitioner,
+    IidPartitioner,
+    LinearPartitioner,
+    Partitioner,
+    SquarePartitioner,
+)
+
+from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE
+from flowertune_llm.config import DatasetSettings
+from flowertune_llm.prompts import alpaca_prompt
+
+BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+RESPONSE_COLUMNS = ("output", "response")
+
+
+class DatasetSourceError(ValueError):
+    """The configured dataset cannot be found, read or understood."""
+
+
+def dataset_source(name: str) -> tuple[str, str | None]:
+    """Return (Flower Datasets `dataset` argument, local data file or None) for `dataset.name`."""
+    if name == BUILTIN_DATASET_NAME:
+        return "json", str(BUILTIN_DATASET_FILE)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), None
+    if path.is_file():
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise DatasetSourceError(
+                f"dataset.name: '{name}' has suffix '{path.suffix}'; local files must be one of "
+                + ", ".join(LOCAL_FORMATS)
+            )
+        return LOCAL_FORMATS[path.suffix.lower()], str(path)
+    if path.suffix.lower() in LOCAL_FORMATS or name.startswith((".", "/", "~")):
+        raise DatasetSourceError(f"dataset.name: no such file or folder '{name}'")
+    return name, None
+
+
+def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitioner:
+    """Return the Flower Datasets partitioner named by `dataset.partitioner`."""
+    if settings.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=settings.partition_by,
+            alpha=settings.dirichlet_alpha,
+            seed=settings.seed,
+        )
+    size_skewed = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
+    if settings.partitioner in size_skewed:
+        return size_skewed[settings.partitioner](num_partitions=num_partitions)
+    return IidPartitioner(num_partitions=num_partitions)
+
+
+@functools.lru_cache(maxsize=4)
+def _federated_dataset(
+    name: str, partitioner: str, partition_by: str, alpha: float, seed: int, num_partitions: int
+) -> FederatedDataset:
+    """Build the FederatedDataset once per process (later rounds reuse the loaded data)."""
+    settings = DatasetSettings(name, partitioner, partition_by, alpha, 0.0, seed)
+    dataset, data_file = dataset_source(name)
+    extra = {"data_files": data_file} if data_file else {}
+    return FederatedDataset(
+        dataset=dataset,
+        partitioners={"train": make_partitioner(settings, num_partitions)},
+        shuffle=True,
+        seed=seed,
+        **extra,
+    )
+
+
+def to_prompt_completion(records: Dataset) -> Dataset:
+    """Map Alpaca records (instruction, optional input, output or response) to prompt/completion."""
+    columns = set(records.column_names)
+    response = next((column for column in RESPONSE_COLUMNS if column in columns), None)
+    if "instruction" not in columns or response is None:
+        raise DatasetSourceError(
+            "dataset: records need an 'instruction' column and an 'output' (or 'response') column; "
+            f"found {sorted(columns)}"
+        )
+
+    def convert(record: dict) -> dict:
+        return {
+            "prompt": alpaca_prompt(record["instruction"], record.get("input") or ""),
+            "completion": record[response],
+        }
+
+    return records.map(convert, remove_columns=records.column_names)
+
+
+def load_client_data(
+    settings: DatasetSettings, partition_id: int, num_partitions: int
+) -> tuple[Dataset, Dataset | None]:
+    """Return this node's (training, validation) prompt/completion data; validation may be None."""
+    federated = _federated_dataset(
+        settings.name, settings.partitioner, settings.partition_by,
+        settings.dirichlet_alpha, settings.seed, num_partitions,
+    )
+    partition = to_prompt_completion(federated.load_partition(partition_id, "train"))
+    if settings.validation_fraction <= 0:
+        return partition, None
+    # A fixed seed keeps the held-out share identical in every round and every run.
+    split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
+    return split["train"], split["test"]

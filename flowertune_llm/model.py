@@ -1,0 +1,139 @@
+"""Base model loading: bitsandbytes quantization, k-bit preparation and the LoRA wrapper.
+
+Clients call `build_peft_model` (a quantized base with trainable LoRA weights). The server calls
+`build_adapter_skeleton`, which gives the same adapter structure over a weightless base, so that a
+7B server never materialises base weights just to hold and save a few megabytes of adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from flowertune_llm.config import ModelSettings
+from flowertune_llm.tiny_model import BUILTIN_MODEL_NAME, ensure_tiny_llama
+
+# bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs.
+COMPUTE_DTYPE = torch.bfloat16
+
+
+class ModelSourceError(RuntimeError):
+    """The configured model cannot be found locally nor fetched from the hub."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Return what `from_pretrained` should load: the built-in folder, a local folder or a hub id."""
+    if name == BUILTIN_MODEL_NAME:
+        return str(ensure_tiny_llama())
+    return name
+
+
+def load_model_config(settings: ModelSettings) -> PretrainedConfig:
+    """Load the model's config only (no weights), failing with advice when it cannot be found."""
+    source = resolve_model_path(settings.name)
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelSourceError(
+            f"model.name: '{settings.name}' is a local path but not a model folder "
+            "(it has no config.json). Give the folder that `save_pretrained` wrote."
+        )
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise ModelSourceError(
+            f"model.name: cannot load '{settings.name}': it is not a local folder and the "
+            "Hugging Face Hub did not provide it (no network, a private repo, or a typo). "
+            "Download it where the hub is reachable and set model.name to that folder, or use "
+            f"the built-in default model.name='{BUILTIN_MODEL_NAME}'. Cause: {error}"
+        ) from error
+
+
+def quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
+    """Return the bitsandbytes config for 4-bit NF4 or 8-bit, or None for a bf16 base."""
+    if settings.quantization == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+        )
+    if settings.quantization == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def lora_config(settings: ModelSettings) -> LoraConfig:
+    """Return the LoRA config of the adapter that clients train and the server averages."""
+    return LoraConfig(
+        r=settings.lora.r,
+        lora_alpha=settings.lora.alpha,
+        lora_dropout=settings.lora.dropout,
+        target_modules=settings.lora.target_module_list,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    """Load the model's tokenizer, giving it a padding token if it has none (as Llama's lacks)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
+    """Load the frozen base model, quantized as configured and prepared for k-bit training."""
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(settings.name),
+        quantization_config=quantization_config(settings),
+        dtype=COMPUTE_DTYPE,
+        device_map=device_map,
+    )
+    if settings.quantization in (4, 8):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    # The KV cache is useless in training and conflicts with gradient checkpointing.
+    model.config.use_cache = False
+    return model
+
+
+def build_peft_model(settings: ModelSettings) -> PeftModel:
+    """Return the quantized base wrapped with fresh, trainable LoRA weights."""
+    return get_peft_model(load_quantized_base(settings), lora_config(settings))
+
+
+def build_adapter_skeleton(settings: ModelSettings, seed: int) -> PeftModel:
+    """Return a PeftModel whose base has no weights (meta device) and whose LoRA weights are real.
+
+    LoRA A is initialised from `seed` (Kaiming-uniform, peft's default) and LoRA B is zero, so
+    the initial global adapter leaves the base model's outputs unchanged.
+    """
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(load_model_config(settings))
+    model = get_peft_model(base, lora_config(settings))
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter_name in module.active_adapters:
+                module.lora_A[adapter_name].to_empty(device="cpu")
+                module.lora_B[adapter_name].to_empty(device="cpu")
+                module.reset_lora_parameters(adapter_name, init_lora_weights=True)
+    return model

@@ -1,0 +1,100 @@
+"""The built-in tiny Llama checkpoint, built locally and deterministically on first use.
+
+It is saved like any Hugging Face checkpoint (config, safetensors weights, tokenizer) so that the
+app loads it through exactly the same `from_pretrained` + bitsandbytes + peft path as a real model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from flowertune_llm.builtin_data import generate_examples
+from flowertune_llm.prompts import alpaca_prompt
+
+BUILTIN_MODEL_NAME = "builtin:tiny-llama"
+# Bump when anything below changes, so stale cached builds are not reused.
+BUILD_VERSION = "v1"
+VOCAB_SIZE = 512
+SEED = 0
+
+
+def cache_root() -> Path:
+    """Return the folder for built models (`FLOWERTUNE_CACHE`, else ~/.cache/flowertune-llm)."""
+    configured = os.environ.get("FLOWERTUNE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "flowertune-llm"
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """Return the architecture: 2 layers, width 128, grouped-query attention like Llama 3."""
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        # Wider than Llama's 0.02: the frozen lm_head must allow confident logits, since LoRA
+        # never touches it; with 0.02 the loss cannot fall far below log(vocab_size).
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the built-in data, so prompts take few tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [
+        alpaca_prompt(example["instruction"], example["input"]) + example["output"]
+        for example in generate_examples()
+    ]
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_llama(directory: Path) -> None:
+    """Write the tiny checkpoint (random weights from a fixed seed) and its tokenizer."""
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(directory, safe_serialization=True)
+    build_tokenizer().save_pretrained(directory)
+
+
+def ensure_tiny_llama() -> Path:
+    """Return the folder of the built-in checkpoint, building it once per cache folder."""
+    target = cache_root() / f"tiny-llama-{BUILD_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename: clients starting at once never see a half-written checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        build_tiny_llama(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,107 @@
+"""Local work of one client in one round: SFT of the LoRA weights, and held-out loss.
+
+The loss covers response tokens only: the data has `prompt` and `completion` columns, and trl
+masks the prompt's labels. The learning rate is constant within a round; it changes across rounds
+(`cosine_learning_rate`), as in the FlowerTune reference.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+
+from flowertune_llm.config import TrainSettings
+
+
+def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
+    """Return round `server_round`'s learning rate: lr_max in round 1, cosine down to lr_min in the last."""
+    if num_rounds <= 1:
+        return lr_max
+    progress = (server_round - 1) / (num_rounds - 1)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def sft_config(
+    settings: TrainSettings, learning_rate: float, output_dir: str, bf16: bool, checkpointing: bool
+) -> SFTConfig:
+    """Return trl's config for one round of local training."""
+    return SFTConfig(
+        output_dir=output_dir,
+        max_length=settings.seq_length,
+        completion_only_loss=True,
+        packing=False,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_steps=settings.max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=settings.max_grad_norm,
+        optim=settings.optimizer,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        # trl resolves bf16=None to True even on CPU; say what the model needs.
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        # trl turns checkpointing on by default; the model was already set up as configured.
+        activation_checkpointing=checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _trainer(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TrainSettings,
+    learning_rate: float,
+    output_dir: str,
+    train_data: Dataset,
+    eval_data: Dataset | None = None,
+) -> SFTTrainer:
+    base = model.get_base_model()
+    # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
+    bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
+    checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
+    return SFTTrainer(
+        model=model,
+        args=sft_config(settings, learning_rate, output_dir, bf16=bf16, checkpointing=checkpointing),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+    )
+
+
+def train_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: Dataset,
+    settings: TrainSettings,
+    learning_rate: float,
+) -> float:
+    """Train the model's LoRA weights for `settings.max_steps` steps; return the mean training loss."""
+    with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
+        trainer = _trainer(model, tokenizer, settings, learning_rate, output_dir, train_data=train_data)
+        return float(trainer.train().training_loss)
+
+
+def evaluate_loss(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, settings: TrainSettings
+) -> float:
+    """Return the mean response-token loss of the model on held-out data."""
+    with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
+        # SFTTrainer insists on a training set; it is never trained on here.
+        trainer = _trainer(
+            model, tokenizer, settings, 0.0, output_dir, train_data=eval_data, eval_data=eval_data
+        )
+        return float(trainer.evaluate()["eval_loss"])
