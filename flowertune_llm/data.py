@@ -118,3 +118,19 @@ def load_client_data(
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
+
+
+def node_partition(node_config: dict) -> tuple[int, int]:
+    """Return (partition-id, num-partitions) from a node's config, as the simulation engine sets them."""
+    try:
+        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetSourceError(
+            "node config: 'partition-id' and 'num-partitions' are needed to pick this node's data "
+            f"partition; got {dict(node_config)}"
+        ) from error
+    if not 0 <= partition_id < num_partitions:
+        raise DatasetSourceError(
+            f"node config: partition-id must be in [0, num-partitions={num_partitions}), got {partition_id}"
+        )
+    return partition_id, num_partitions

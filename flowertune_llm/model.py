@@ -126,8 +126,9 @@ def build_adapter_skeleton(settings: ModelSettings, seed: int) -> PeftModel:
     LoRA A is initialised from `seed` (Kaiming-uniform, peft's default) and LoRA B is zero, so
     the initial global adapter leaves the base model's outputs unchanged.
     """
+    model_config = load_model_config(settings)
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(load_model_config(settings))
+        base = AutoModelForCausalLM.from_config(model_config)
     model = get_peft_model(base, lora_config(settings))
     torch.manual_seed(seed)
     for module in model.modules():

@@ -13,7 +13,7 @@ import tempfile
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.config import TrainSettings
@@ -27,8 +27,18 @@ def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_m
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
 
 
+def round_seed(base_seed: int, server_round: int, partition_id: int) -> int:
+    """Return a seed that differs per round and per client, so dropout and batch order do too."""
+    return base_seed + 1_000_003 * server_round + partition_id
+
+
 def sft_config(
-    settings: TrainSettings, learning_rate: float, output_dir: str, bf16: bool, checkpointing: bool
+    settings: TrainSettings,
+    learning_rate: float,
+    seed: int,
+    output_dir: str,
+    bf16: bool,
+    checkpointing: bool,
 ) -> SFTConfig:
     """Return trl's config for one round of local training."""
     return SFTConfig(
@@ -44,8 +54,8 @@ def sft_config(
         lr_scheduler_type="constant",
         max_grad_norm=settings.max_grad_norm,
         optim=settings.optimizer,
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=seed,
+        data_seed=seed,
         # trl resolves bf16=None to True even on CPU; say what the model needs.
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
@@ -65,6 +75,7 @@ def _trainer(
     tokenizer: PreTrainedTokenizerBase,
     settings: TrainSettings,
     learning_rate: float,
+    seed: int,
     output_dir: str,
     train_data: Dataset,
     eval_data: Dataset | None = None,
@@ -73,13 +84,16 @@ def _trainer(
     # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
     bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, learning_rate, output_dir, bf16=bf16, checkpointing=checkpointing),
+        args=sft_config(settings, learning_rate, seed, output_dir, bf16=bf16, checkpointing=checkpointing),
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
     )
+    # One printed dict per step from every client drowns the server's round summaries.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train_adapter(
@@ -88,10 +102,13 @@ def train_adapter(
     train_data: Dataset,
     settings: TrainSettings,
     learning_rate: float,
+    seed: int,
 ) -> float:
     """Train the model's LoRA weights for `settings.max_steps` steps; return the mean training loss."""
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
-        trainer = _trainer(model, tokenizer, settings, learning_rate, output_dir, train_data=train_data)
+        trainer = _trainer(
+            model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data
+        )
         return float(trainer.train().training_loss)
 
 
@@ -102,6 +119,7 @@ def evaluate_loss(
     with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
         # SFTTrainer insists on a training set; it is never trained on here.
         trainer = _trainer(
-            model, tokenizer, settings, 0.0, output_dir, train_data=eval_data, eval_data=eval_data
+            model, tokenizer, settings, 0.0, settings.seed, output_dir,
+            train_data=eval_data, eval_data=eval_data,
         )
         return float(trainer.evaluate()["eval_loss"])

@@ -1,0 +1,60 @@
+"""ClientApp: train the received global LoRA adapter on this node's data, or evaluate it.
+
+Each message: build the quantized PEFT model, load the global adapter, run trl's SFT trainer on
+the local partition for `train.max-steps` steps, reply with the new adapter and the loss.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
+from flowertune_llm.config import AppConfig, parse_config
+from flowertune_llm.data import load_client_data, node_partition
+from flowertune_llm.model import build_peft_model, load_tokenizer
+from flowertune_llm.strategy import LEARNING_RATE_KEY
+from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
+
+app = ClientApp()
+
+
+def _model_with_global_adapter(config: AppConfig, msg: Message):
+    model = build_peft_model(config.model)
+    load_adapter_state(model, from_array_record(msg.content["arrays"]))
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune the global adapter locally and return it with the training loss."""
+    config = parse_config(context.run_config)
+    partition_id, num_partitions = node_partition(context.node_config)
+    train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
+    model = _model_with_global_adapter(config, msg)
+    round_config = msg.content["config"]
+    train_loss = train_adapter(
+        model,
+        load_tokenizer(config.model),
+        train_data,
+        config.train,
+        learning_rate=float(round_config[LEARNING_RATE_KEY]),
+        seed=round_seed(config.train.seed, int(round_config["server-round"]), partition_id),
+    )
+    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_data)})
+    content = RecordDict({"arrays": to_array_record(adapter_state(model)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Return the global adapter's loss on this node's held-out share."""
+    config = parse_config(context.run_config)
+    partition_id, num_partitions = node_partition(context.node_config)
+    _, eval_data = load_client_data(config.dataset, partition_id, num_partitions)
+    if eval_data is None or len(eval_data) == 0:
+        raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
+    model = _model_with_global_adapter(config, msg)
+    eval_loss = evaluate_loss(model, load_tokenizer(config.model), eval_data, config.train)
+    metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": len(eval_data)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,153 @@
+"""A run's results folder: the resolved config, per-round metrics and the global adapters.
+
+Layout of `results/<run-name>/`:
+  run-config.toml        every setting of the run (reusable: `flwr run . --run-config <it>`)
+  metrics.json           one record per finished round
+  adapter-round-<k>/     the global adapter after round k (every `train.save-every-round` rounds)
+  adapter-final/         the global adapter after the last round
+Every file is written to a temporary name and renamed, so a killed run never leaves a half-written
+file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from peft import PeftModel
+
+from flowertune_llm.adapters import from_array_record, load_adapter_state
+from flowertune_llm.config import AppConfig, ResultsSettings, to_run_config
+
+FINAL_ADAPTER = "adapter-final"
+
+
+class ResultsError(RuntimeError):
+    """The results folder cannot be created or would overwrite an earlier run."""
+
+
+def run_folder(settings: ResultsSettings, config: AppConfig) -> Path:
+    """Return the run's folder, checking that it is new and can be created (nothing is written)."""
+    root = Path(settings.dir).expanduser().resolve()
+    if settings.run_name:
+        name = settings.run_name
+    else:
+        model = Path(config.model.name.replace("builtin:", "")).name or "model"
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{config.model.quantization}bit"
+    folder = root / name
+    if folder.exists():
+        raise ResultsError(
+            f"results.run-name: '{folder}' already holds a run; choose another results.run-name "
+            "or leave it empty for a fresh time-stamped name. Nothing was overwritten."
+        )
+    existing = next((parent for parent in (root, *root.parents) if parent.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ResultsError(f"results.dir: cannot create '{root}': '{existing}' is not a writable folder")
+    return folder
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write text to `path` through a temporary file in the same folder and a rename."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def to_toml(flat: dict[str, Any]) -> str:
+    """Render a flat mapping of scalars as TOML (dotted keys), the format `--run-config` reads."""
+    lines = []
+    for key, value in flat.items():
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            rendered = repr(value)
+        else:
+            rendered = json.dumps(str(value))
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+class RunRecorder:
+    """Writes the results folder as rounds finish and logs one progress line per round."""
+
+    def __init__(self, folder: Path, config: AppConfig, skeleton: PeftModel) -> None:
+        self.folder = folder
+        self.config = config
+        self.skeleton = skeleton
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        folder.mkdir(parents=True)
+        write_atomically(folder / "run-config.toml", to_toml(to_run_config(config)))
+        self._write_metrics()
+
+    def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
+        """Record a finished round (round 0 is the initial adapter: nothing to record)."""
+        if server_round == 0:
+            return
+        record: dict[str, Any] = {"round": server_round, **stats}
+        if "eval_loss" in record:
+            record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
+        record["elapsed_s"] = round(time.monotonic() - self.started, 2)
+        self.rounds.append(record)
+        self._write_metrics()
+        every = self.config.train.save_every_round
+        if every and server_round % every == 0:
+            self.save_adapter(arrays, f"adapter-round-{server_round:03d}")
+        log(INFO, "%s", self.progress_line(record))
+
+    def progress_line(self, record: dict[str, Any]) -> str:
+        """Return the one-line summary of a round."""
+        parts = [
+            f"Round {record['round']}/{self.config.num_server_rounds}:",
+            f"{record.get('train_replies', 0)}/{record.get('train_sampled', 0)} clients replied",
+        ]
+        if record.get("train_failures"):
+            parts.append(f"({record['train_failures']} failed)")
+        if "train_loss" in record:
+            parts.append(f"| train loss {record['train_loss']:.4f}")
+        if "eval_loss" in record:
+            parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
+        parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e} | {record['elapsed_s']:.1f} s elapsed")
+        return " ".join(parts)
+
+    def save_adapter(self, arrays: ArrayRecord, name: str) -> Path:
+        """Save a global adapter with peft's `save_pretrained` (safetensors + adapter_config.json)."""
+        load_adapter_state(self.skeleton, from_array_record(arrays))
+        target = self.folder / name
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.folder))
+        try:
+            self.skeleton.save_pretrained(staging, safe_serialization=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def finish(self, arrays: ArrayRecord) -> Path:
+        """Save the final global adapter and return its folder."""
+        return self.save_adapter(arrays, FINAL_ADAPTER)
+
+    def _write_metrics(self) -> None:
+        document = {
+            "run-name": self.folder.name,
+            "num-server-rounds": self.config.num_server_rounds,
+            "rounds": self.rounds,
+        }
+        write_atomically(self.folder / "metrics.json", json.dumps(document, indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""ServerApp: federated averaging of LoRA adapters, round after round.
+
+  1. Validate the run config (any bad key stops here, before a model is touched).
+  2. Build the initial global adapter on a weightless copy of the base model.
+  3. Each round: sample clients, send the global adapter and the round's learning rate,
+     average the returned adapters with FedAvg (weighted by examples), evaluate on the
+     clients' held-out data, record metrics and save the adapter when due.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from flowertune_llm.adapters import adapter_state, to_array_record
+from flowertune_llm.config import parse_config
+from flowertune_llm.data import dataset_source
+from flowertune_llm.model import build_adapter_skeleton
+from flowertune_llm.results import RunRecorder, run_folder
+from flowertune_llm.strategy import LoraFedAvg
+from flowertune_llm.training import cosine_learning_rate
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `num-server-rounds` rounds of FedAvg over LoRA adapters."""
+    config = parse_config(context.run_config)
+    dataset_source(config.dataset.name)
+    folder = run_folder(config.results, config)
+    skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
+    recorder = RunRecorder(folder, config, skeleton)
+    log(INFO, "Results of this run go to %s", folder)
+
+    strategy = LoraFedAvg(
+        learning_rate=partial(
+            cosine_learning_rate,
+            num_rounds=config.num_server_rounds,
+            lr_max=config.train.learning_rate_max,
+            lr_min=config.train.learning_rate_min,
+        ),
+        fraction_train=config.strategy.fraction_train,
+        fraction_evaluate=config.strategy.fraction_evaluate,
+        min_train_nodes=config.strategy.min_train_nodes,
+        min_evaluate_nodes=config.strategy.min_evaluate_nodes,
+        min_available_nodes=config.strategy.min_available_nodes,
+    )
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        recorder.end_round(server_round, arrays, dict(strategy.round_stats.get(server_round, {})))
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(adapter_state(skeleton)),
+        num_rounds=config.num_server_rounds,
+        timeout=config.strategy.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=after_round,
+    )
+    final = recorder.finish(result.arrays)
+    log(INFO, "Done. Metrics: %s | final global adapter: %s", folder / "metrics.json", final)
