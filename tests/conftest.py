@@ -1,0 +1,37 @@
+"""Shared test set-up: no network, a private model cache, and the app's default run config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before transformers/datasets are imported: they read these once. Offline mode makes a hub
+# look-up fail at once instead of after half a minute of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLOWERTUNE_CACHE", tempfile.mkdtemp(prefix="flowertune-test-cache-"))
+
+import pytest  # noqa: E402
+from flwr.common.config import get_fused_config_from_dir  # noqa: E402
+
+from flowertune_llm.config import AppConfig, parse_config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_run_config(**overrides) -> dict:
+    """Return the flat run config of pyproject.toml, with `overrides` applied (kebab keys)."""
+    return get_fused_config_from_dir(REPO_ROOT, overrides)
+
+
+@pytest.fixture
+def run_config() -> dict:
+    """The default flat run config, as a ServerApp or ClientApp receives it."""
+    return default_run_config()
+
+
+@pytest.fixture
+def config() -> AppConfig:
+    """The default run config, parsed."""
+    return parse_config(default_run_config())
