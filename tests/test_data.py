@@ -1,0 +1,111 @@
+"""Data: the shipped dataset, Alpaca prompts, partitions, held-out split and response-only labels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, generate_examples, write_jsonl
+from flowertune_llm.data import (
+    DatasetSourceError,
+    dataset_source,
+    load_client_data,
+    node_partition,
+    to_prompt_completion,
+)
+from flowertune_llm.model import build_peft_model, load_tokenizer
+from flowertune_llm.prompts import alpaca_prompt
+from flowertune_llm.training import _trainer
+
+from conftest import default_run_config
+from flowertune_llm.config import parse_config
+
+
+def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):
+    regenerated = tmp_path / "again.jsonl"
+    write_jsonl(generate_examples(), regenerated)
+    assert regenerated.read_bytes() == BUILTIN_DATASET_FILE.read_bytes()
+    records = [json.loads(line) for line in BUILTIN_DATASET_FILE.read_text().splitlines()]
+    assert len(records) >= 1000
+    assert all(record["instruction"] and record["output"] for record in records)
+
+
+def test_alpaca_prompt_with_and_without_input():
+    with_input = alpaca_prompt("Add the two numbers.", "2 + 3")
+    assert "### Input:\n2 + 3\n\n### Response:\n" in with_input
+    without = alpaca_prompt("Name a colour.", "  ")
+    assert "### Input" not in without and without.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+
+
+def test_records_with_response_column_become_prompt_completion():
+    records = Dataset.from_list([{"instruction": "Say hi.", "input": "", "response": "hi"}])
+    converted = to_prompt_completion(records)
+    assert converted.column_names == ["prompt", "completion"]
+    assert converted[0] == {"prompt": alpaca_prompt("Say hi."), "completion": "hi"}
+
+
+def test_records_without_output_column_are_refused():
+    with pytest.raises(DatasetSourceError, match="'instruction' column and an 'output'.*found \\['answer', 'instruction'\\]"):
+        to_prompt_completion(Dataset.from_list([{"instruction": "x", "answer": "y"}]))
+
+
+def test_dataset_sources(tmp_path):
+    assert dataset_source("builtin:tiny-instructions") == ("json", str(BUILTIN_DATASET_FILE))
+    assert dataset_source("vicgalle/alpaca-gpt4") == ("vicgalle/alpaca-gpt4", None)
+    csv_file = tmp_path / "data.csv"
+    csv_file.write_text("instruction,output\nx,y\n")
+    assert dataset_source(str(csv_file)) == ("csv", str(csv_file))
+    assert dataset_source(str(tmp_path)) == (str(tmp_path), None)
+    with pytest.raises(DatasetSourceError, match="no such file or folder"):
+        dataset_source(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetSourceError, match="suffix '.txt'"):
+        dataset_source(str(tmp_path / "notes.txt"))
+
+
+def test_partitions_are_disjoint_and_cover_the_data(config):
+    parts = [load_client_data(config.dataset, pid, 3) for pid in range(3)]
+    prompts = [set(zip(t["prompt"], t["completion"])) | set(zip(v["prompt"], v["completion"])) for t, v in parts]
+    sizes = [len(t) + len(v) for t, v in parts]
+    assert sum(sizes) == 1200 and all(size == 400 for size in sizes)
+    # Pairs can repeat in generated data, so compare row counts, not only sets.
+    assert all(len(t) == 360 and len(v) == 40 for t, v in parts)
+    assert prompts[0] != prompts[1]
+
+
+def test_validation_split_is_deterministic(config):
+    first = load_client_data(config.dataset, 1, 2)[1]
+    again = load_client_data(config.dataset, 1, 2)[1]
+    assert first["completion"] == again["completion"]
+
+
+def test_local_jsonl_file_works_as_dataset(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(generate_examples(40, seed=1), path)
+    config = parse_config(default_run_config(**{"dataset.name": str(path)}))
+    train, val = load_client_data(config.dataset, 0, 2)
+    assert len(train) + len(val) == 20
+
+
+def test_node_partition_needs_simulation_keys():
+    assert node_partition({"partition-id": 1, "num-partitions": 4}) == (1, 4)
+    with pytest.raises(DatasetSourceError, match="'partition-id' and 'num-partitions'"):
+        node_partition({})
+    with pytest.raises(DatasetSourceError, match="partition-id must be in"):
+        node_partition({"partition-id": 4, "num-partitions": 4})
+
+
+def test_labels_mask_the_prompt_and_keep_the_response(config, tmp_path):
+    tokenizer = load_tokenizer(config.model)
+    model = build_peft_model(config.model)
+    example = {"prompt": alpaca_prompt("Reverse the letters of the word.", "castle"), "completion": "eltsac"}
+    trainer = _trainer(model, tokenizer, config.train, 1e-3, 0, str(tmp_path), Dataset.from_list([example]))
+    batch = next(iter(trainer.get_train_dataloader()))
+    input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    prompt_length = len(tokenizer(example["prompt"])["input_ids"])
+    assert all(label == -100 for label in labels[:prompt_length])
+    response = labels[prompt_length:]
+    assert response == input_ids[prompt_length:]
+    assert tokenizer.decode(response).startswith("eltsac") and response[-1] == tokenizer.eos_token_id
