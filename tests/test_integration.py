@@ -1,0 +1,102 @@
+"""The real ServerApp and ClientApp, in one process, for 2 rounds with 2 clients on a 4- and 8-bit base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from flowertune_llm import client_app, server_app
+from flowertune_llm.adapters import adapter_state
+from flowertune_llm.config import parse_config
+from flowertune_llm.model import build_adapter_skeleton, resolve_model_path
+
+from conftest import default_run_config
+
+
+def _with_run_config(context: Context, run_config: dict) -> Context:
+    # run_simulation() gives apps an empty run_config; hand them the one `flwr run` would.
+    return Context(
+        run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+        state=context.state, run_config=run_config,
+    )
+
+
+def _apps(run_config: dict) -> tuple[ServerApp, ClientApp]:
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _main(grid, context):
+        server_app.main(grid, _with_run_config(context, run_config))
+
+    @client.train()
+    def _train(msg, context):
+        return client_app.train(msg, _with_run_config(context, run_config))
+
+    @client.evaluate()
+    def _evaluate(msg, context):
+        return client_app.evaluate(msg, _with_run_config(context, run_config))
+
+    return server, client
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_two_rounds_two_clients(tmp_path, bits):
+    run_config = default_run_config(**{
+        "num-server-rounds": 2,
+        "model.quantization": bits,
+        "train.save-every-round": 1,
+        "results.dir": str(tmp_path),
+        "results.run-name": "run",
+    })
+    config = parse_config(run_config)
+    checkpoint = Path(resolve_model_path(config.model.name))
+    weights_file = checkpoint / "model.safetensors"
+    weights_before = _sha256(weights_file)
+
+    server, client = _apps(run_config)
+    run_simulation(server, client, num_supernodes=2, backend_config={"client_resources": {"num_cpus": 1}})
+
+    folder = tmp_path / "run"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["train_replies"] == 2 and r["train_failures"] == 0 and r["eval_replies"] == 2 for r in rounds)
+    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
+    assert rounds[1]["eval_loss"] < rounds[0]["eval_loss"]
+    assert rounds[0]["learning_rate"] > rounds[1]["learning_rate"]
+
+    # The base checkpoint is untouched; only adapter tensors were saved.
+    assert _sha256(weights_file) == weights_before
+    for name in ("adapter-round-001", "adapter-round-002", "adapter-final"):
+        assert (folder / name / "adapter_config.json").is_file()
+    final = load_file(folder / "adapter-final" / "adapter_model.safetensors")
+    assert final and all("lora_" in key for key in final)
+
+    # The global adapter moved away from the initial one.
+    initial = adapter_state(build_adapter_skeleton(config.model, seed=config.train.seed))
+    assert any(not torch.allclose(initial[key], final[key].float()) for key in initial)
+
+    # It loads back onto the base model and changes what the model computes.
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        base_logits = base(tokens).logits.clone()
+        tuned = PeftModel.from_pretrained(base, folder / "adapter-final")
+        tuned_logits = tuned(tokens).logits
+    assert not torch.allclose(base_logits, tuned_logits)
+    assert (folder / "run-config.toml").read_text().count(f"model.quantization = {bits}") == 1
