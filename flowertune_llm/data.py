@@ -53,6 +53,24 @@ def dataset_source(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def check_dataset_source(name: str) -> None:
+    """Fail early, with advice, if `dataset.name` is neither local nor reachable on the hub."""
+    dataset, _ = dataset_source(name)
+    if dataset in LOCAL_FORMATS.values() or Path(dataset).expanduser().is_dir():
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(dataset)
+    except Exception as error:  # offline mode, DNS failure, 404 and 401 all mean: cannot use it
+        raise DatasetSourceError(
+            f"dataset.name: cannot reach '{name}' on the Hugging Face Hub (no network, a private "
+            "dataset, or a typo). Download it where the hub is reachable and give the local file or "
+            f"folder, or use the built-in default dataset.name='{BUILTIN_DATASET_NAME}'. "
+            f"Cause: {type(error).__name__}: {error}"
+        ) from error
+
+
 def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitioner:
     """Return the Flower Datasets partitioner named by `dataset.partitioner`."""
     if settings.partitioner == "dirichlet":

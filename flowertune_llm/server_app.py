@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flowertune_llm.adapters import adapter_state, to_array_record
 from flowertune_llm.config import parse_config
-from flowertune_llm.data import dataset_source
+from flowertune_llm.data import check_dataset_source
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, run_folder
 from flowertune_llm.strategy import LoraFedAvg
@@ -31,7 +31,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of FedAvg over LoRA adapters."""
     config = parse_config(context.run_config)
-    dataset_source(config.dataset.name)
+    check_dataset_source(config.dataset.name)
     folder = run_folder(config.results, config)
     skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
     recorder = RunRecorder(folder, config, skeleton)

@@ -9,6 +9,7 @@ from datasets import Dataset
 
 from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, generate_examples, write_jsonl
 from flowertune_llm.data import (
+    check_dataset_source,
     DatasetSourceError,
     dataset_source,
     load_client_data,
@@ -63,6 +64,12 @@ def test_dataset_sources(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DatasetSourceError, match="suffix '.txt'"):
         dataset_source(str(tmp_path / "notes.txt"))
+
+
+def test_unreachable_hub_dataset_fails_with_advice():
+    with pytest.raises(DatasetSourceError, match=r"cannot reach 'vicgalle/alpaca-gpt4'.*builtin:tiny-instructions"):
+        check_dataset_source("vicgalle/alpaca-gpt4")
+    check_dataset_source("builtin:tiny-instructions")
 
 
 def test_partitions_are_disjoint_and_cover_the_data(config):
