@@ -6,8 +6,11 @@ the local partition for `train.max-steps` steps, reply with the new adapter and 
 
 from __future__ import annotations
 
+import datasets
+import transformers
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import PeftModel
 
 from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
 from flowertune_llm.config import AppConfig, parse_config
@@ -19,7 +22,17 @@ from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 app = ClientApp()
 
 
-def _model_with_global_adapter(config: AppConfig, msg: Message):
+def _quiet_progress_bars() -> None:
+    """Silence per-message progress bars (dataset maps, weight loading) in this client process.
+
+    Every client prints them for every message, burying the server's one-line round summaries.
+    """
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _model_with_global_adapter(config: AppConfig, msg: Message) -> PeftModel:
+    """Build the quantized PEFT model and load the global adapter the server sent."""
     model = build_peft_model(config.model)
     load_adapter_state(model, from_array_record(msg.content["arrays"]))
     return model
@@ -28,6 +41,7 @@ def _model_with_global_adapter(config: AppConfig, msg: Message):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the global adapter locally and return it with the training loss."""
+    _quiet_progress_bars()
     config = parse_config(context.run_config)
     partition_id, num_partitions = node_partition(context.node_config)
     train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
@@ -49,6 +63,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss on this node's held-out share."""
+    _quiet_progress_bars()
     config = parse_config(context.run_config)
     partition_id, num_partitions = node_partition(context.node_config)
     _, eval_data = load_client_data(config.dataset, partition_id, num_partitions)
