@@ -91,7 +91,10 @@ def _federated_dataset(
     name: str, partitioner: str, partition_by: str, alpha: float, seed: int, num_partitions: int
 ) -> FederatedDataset:
     """Build the FederatedDataset once per process (later rounds reuse the loaded data)."""
-    settings = DatasetSettings(name, partitioner, partition_by, alpha, 0.0, seed)
+    settings = DatasetSettings(
+        name=name, partitioner=partitioner, partition_by=partition_by,
+        dirichlet_alpha=alpha, validation_fraction=0.0, seed=seed,
+    )
     dataset, data_file = dataset_source(name)
     extra = {"data_files": data_file} if data_file else {}
     return FederatedDataset(

@@ -116,3 +116,12 @@ def test_labels_mask_the_prompt_and_keep_the_response(config, tmp_path):
     response = labels[prompt_length:]
     assert response == input_ids[prompt_length:]
     assert tokenizer.decode(response).startswith("eltsac") and response[-1] == tokenizer.eos_token_id
+
+
+def test_dirichlet_partitioner_over_builtin_category_skews_partitions():
+    config = parse_config(default_run_config(**{
+        "dataset.partitioner": "dirichlet", "dataset.partition-by": "category", "dataset.dirichlet-alpha": 0.3,
+    }))
+    sizes = [sum(map(len, load_client_data(config.dataset, pid, 3))) for pid in range(3)]
+    assert sum(sizes) == 1200
+    assert len(set(sizes)) > 1
