@@ -21,7 +21,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.data import check_dataset_source
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, run_folder
-from flowertune_llm.strategy import LoraFedAvg
+from flowertune_llm.strategy import build_strategy
 from flowertune_llm.training import cosine_learning_rate
 
 app = ServerApp()
@@ -37,18 +37,14 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(folder, config, skeleton)
     log(INFO, "Results of this run go to %s", folder)
 
-    strategy = LoraFedAvg(
+    strategy = build_strategy(
+        config.strategy,
         learning_rate=partial(
             cosine_learning_rate,
             num_rounds=config.num_server_rounds,
             lr_max=config.train.learning_rate_max,
             lr_min=config.train.learning_rate_min,
         ),
-        fraction_train=config.strategy.fraction_train,
-        fraction_evaluate=config.strategy.fraction_evaluate,
-        min_train_nodes=config.strategy.min_train_nodes,
-        min_evaluate_nodes=config.strategy.min_evaluate_nodes,
-        min_available_nodes=config.strategy.min_available_nodes,
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:

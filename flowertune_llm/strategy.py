@@ -1,8 +1,10 @@
-"""FedAvg over LoRA state dicts, sending each round's learning rate and keeping per-round stats.
+"""The server's aggregation strategy: a Flower strategy plus the hooks a LoRA fine-tune needs.
 
-Aggregation itself is Flower's FedAvg, weighted by each client's `num-examples`; this subclass only
-adds the two things FedAvg does not do: a learning rate that changes across rounds, and a record
-of how many clients were sampled, replied and failed in each round.
+Aggregation itself is Flower's (FedAvg by default, weighted by each client's `num-examples`).
+`LoraRounds` adds, to whichever Flower strategy it is mixed into, what those strategies do not do:
+a learning rate that changes across rounds, and a record of how many clients were sampled,
+replied and failed in each round. `build_strategy` is the one place that turns the `strategy.*`
+settings into a strategy object.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from flowertune_llm.config import StrategySettings
 
 LEARNING_RATE_KEY = "learning-rate"
 
 
-class LoraFedAvg(FedAvg):
-    """Flower's FedAvg with a per-round learning rate in the train config."""
+class LoraRounds:
+    """Per-round learning rate and reply counts, mixed into a Flower strategy (listed first)."""
 
-    def __init__(self, learning_rate: Callable[[int], float], **fedavg_args: Any) -> None:
-        super().__init__(**fedavg_args)
+    def __init__(self, *, learning_rate: Callable[[int], float], **strategy_args: Any) -> None:
+        super().__init__(**strategy_args)
         self.learning_rate = learning_rate
         self.round_stats: dict[int, dict[str, Any]] = defaultdict(dict)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Add this round's learning rate to the train config, then sample as FedAvg does."""
+        """Add this round's learning rate to the train config, then sample as the strategy does."""
         config[LEARNING_RATE_KEY] = self.learning_rate(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.round_stats[server_round].update(
@@ -40,7 +44,7 @@ class LoraFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the adapters (FedAvg) and note the round's reply counts and loss."""
+        """Aggregate the adapters and note the round's reply counts and loss."""
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         failures = sum(reply.has_error() for reply in replies)
@@ -53,7 +57,7 @@ class LoraFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients for evaluation as FedAvg does, noting how many."""
+        """Sample clients for evaluation as the strategy does, noting how many."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.round_stats[server_round]["eval_sampled"] = len(messages)
         return messages
@@ -68,3 +72,19 @@ class LoraFedAvg(FedAvg):
         if metrics is not None and "eval_loss" in metrics:
             stats["eval_loss"] = float(metrics["eval_loss"])
         return metrics
+
+
+class LoraFedAvg(LoraRounds, FedAvg):
+    """Flower's FedAvg with the LoRA round hooks."""
+
+
+def build_strategy(settings: StrategySettings, learning_rate: Callable[[int], float]) -> Strategy:
+    """Return the configured Flower strategy with the LoRA round hooks mixed in."""
+    return LoraFedAvg(
+        learning_rate=learning_rate,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_train_nodes=settings.min_train_nodes,
+        min_evaluate_nodes=settings.min_evaluate_nodes,
+        min_available_nodes=settings.min_available_nodes,
+    )
