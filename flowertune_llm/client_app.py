@@ -16,7 +16,7 @@ from flowertune_llm.adapters import adapter_state, from_array_record, load_adapt
 from flowertune_llm.config import AppConfig, parse_config
 from flowertune_llm.data import load_client_data, node_partition
 from flowertune_llm.model import build_peft_model, load_tokenizer
-from flowertune_llm.strategy import LEARNING_RATE_KEY
+from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
 from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
@@ -53,10 +53,11 @@ def train(msg: Message, context: Context) -> Message:
         train_data,
         config.train,
         learning_rate=float(round_config[LEARNING_RATE_KEY]),
-        seed=round_seed(config.train.seed, int(round_config["server-round"]), partition_id),
+        seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), partition_id),
     )
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_data)})
-    content = RecordDict({"arrays": to_array_record(adapter_state(model)), "metrics": metrics})
+    arrays = to_array_record(adapter_state(model), config.transfer.dtype)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

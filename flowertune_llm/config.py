@@ -20,6 +20,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 QUANTIZATION_BITS = (4, 8, 16)
+TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 PARTITIONERS = ("iid", "dirichlet", "linear", "square", "exponential")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
@@ -92,7 +93,15 @@ class StrategySettings:
     min_train_nodes: int = MISSING
     min_evaluate_nodes: int = MISSING
     min_available_nodes: int = MISSING
+    min_train_replies: int = MISSING
     round_timeout: float = MISSING
+
+
+@dataclass
+class TransferSettings:
+    """How adapters travel between server and clients."""
+
+    dtype: str = MISSING
 
 
 @dataclass
@@ -112,6 +121,7 @@ class AppConfig:
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
 
 
@@ -215,8 +225,13 @@ def _check_values(config: AppConfig) -> list[str]:
                 "> 0 when strategy.fraction-evaluate > 0 (clients evaluate on their held-out share)")
     for key, value in (("strategy.min-train-nodes", strategy.min_train_nodes),
                        ("strategy.min-evaluate-nodes", strategy.min_evaluate_nodes),
-                       ("strategy.min-available-nodes", strategy.min_available_nodes)):
+                       ("strategy.min-available-nodes", strategy.min_available_nodes),
+                       ("strategy.min-train-replies", strategy.min_train_replies)):
         require(value >= 1, key, value, ">= 1")
+    require(strategy.min_train_replies <= strategy.min_train_nodes, "strategy.min-train-replies",
+            strategy.min_train_replies, f"<= strategy.min-train-nodes={strategy.min_train_nodes}")
+    require(config.transfer.dtype in TRANSFER_DTYPES, "transfer.dtype", config.transfer.dtype,
+            "one of " + ", ".join(TRANSFER_DTYPES))
     require(finite(strategy.round_timeout) and strategy.round_timeout > 0, "strategy.round-timeout",
             strategy.round_timeout, "> 0 seconds")
     require(bool(config.results.dir.strip()), "results.dir", config.results.dir, "a folder path")

@@ -103,6 +103,8 @@ class RunRecorder:
         record: dict[str, Any] = {"round": server_round, **stats}
         if "eval_loss" in record:
             record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
+        previous_total = self.rounds[-1].get("bytes_total", 0) if self.rounds else 0
+        record["bytes_total"] = previous_total + record.get("bytes_down", 0) + record.get("bytes_up", 0)
         record["elapsed_s"] = round(time.monotonic() - self.started, 2)
         self.rounds.append(record)
         self._write_metrics()
@@ -117,13 +119,26 @@ class RunRecorder:
             f"Round {record['round']}/{self.config.num_server_rounds}:",
             f"{record.get('train_replies', 0)}/{record.get('train_sampled', 0)} clients replied",
         ]
-        if record.get("train_failures"):
-            parts.append(f"({record['train_failures']} failed)")
+        missing = record.get("train_sampled", 0) - record.get("train_replies", 0) - record.get("train_failures", 0)
+        problems = [
+            f"{count} {what}"
+            for count, what in (
+                (record.get("train_failures", 0), "failed"),
+                (record.get("train_rejected", 0), "rejected"),
+                (missing, "no reply before strategy.round-timeout"),
+            )
+            if count
+        ]
+        if problems:
+            parts.append("(" + ", ".join(problems) + ")")
+        if record.get("kept_previous_adapter"):
+            parts.append("| global adapter unchanged")
         if "train_loss" in record:
             parts.append(f"| train loss {record['train_loss']:.4f}")
         if "eval_loss" in record:
             parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
-        parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e} | {record['elapsed_s']:.1f} s elapsed")
+        parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e}")
+        parts.append(f"| {record['bytes_total'] / 1e6:.2f} MB sent so far | {record['elapsed_s']:.1f} s elapsed")
         return " ".join(parts)
 
     def save_adapter(self, arrays: ArrayRecord, name: str) -> Path:

@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Results of this run go to %s", folder)
 
     strategy = build_strategy(
-        config.strategy,
+        config,
         learning_rate=partial(
             cosine_learning_rate,
             num_rounds=config.num_server_rounds,
@@ -48,7 +48,8 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        recorder.end_round(server_round, arrays, dict(strategy.round_stats.get(server_round, {})))
+        run_round = strategy.run_round(server_round)
+        recorder.end_round(run_round, arrays, dict(strategy.round_stats.get(run_round, {})))
 
     result = strategy.start(
         grid=grid,

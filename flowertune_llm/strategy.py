@@ -2,54 +2,112 @@
 
 Aggregation itself is Flower's (FedAvg by default, weighted by each client's `num-examples`).
 `LoraRounds` adds, to whichever Flower strategy it is mixed into, what those strategies do not do:
-a learning rate that changes across rounds, and a record of how many clients were sampled,
-replied and failed in each round. `build_strategy` is the one place that turns the `strategy.*`
-settings into a strategy object.
+a learning rate that changes across rounds, adapters in a compact transfer precision, replies
+checked before they reach the average, and a record of each round (clients sampled, replied,
+failed, rejected; bytes each way). `build_strategy` is the one place that turns the settings into
+a strategy object.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from flowertune_llm.config import StrategySettings
+from flowertune_llm.adapters import from_array_record, record_bytes, to_array_record, to_float32
+from flowertune_llm.config import AppConfig
+from flowertune_llm.replies import check_evaluate_reply, check_train_reply, metric_keys
 
 LEARNING_RATE_KEY = "learning-rate"
+RUN_ROUND_KEY = "run-round"
 
 
 class LoraRounds:
-    """Per-round learning rate and reply counts, mixed into a Flower strategy (listed first)."""
+    """LoRA round hooks, mixed into a Flower strategy (listed first in the bases).
 
-    def __init__(self, *, learning_rate: Callable[[int], float], **strategy_args: Any) -> None:
+    - the round's learning rate (and its number counting rounds before a resume) go into the
+      train config;
+    - adapters travel in `transfer_dtype` but are averaged as float32 values;
+    - replies are checked before aggregation: a malformed one is logged and left out, and with
+      fewer than `min_train_replies` valid ones the round keeps the previous global adapter;
+    - `round_stats[round]` keeps what happened: sampled, replied, failed, rejected, bytes, losses.
+    """
+
+    def __init__(
+        self,
+        *,
+        learning_rate: Callable[[int], float],
+        transfer_dtype: str = "float32",
+        min_train_replies: int = 1,
+        round_offset: int = 0,
+        **strategy_args: Any,
+    ) -> None:
         super().__init__(**strategy_args)
         self.learning_rate = learning_rate
+        self.transfer_dtype = transfer_dtype
+        self.min_train_replies = min_train_replies
+        self.round_offset = round_offset
         self.round_stats: dict[int, dict[str, Any]] = defaultdict(dict)
+        self._sent: ArrayRecord = ArrayRecord()
+
+    def run_round(self, server_round: int) -> int:
+        """Return the round's number in the whole run (Flower counts from 1 again after a resume)."""
+        return server_round + self.round_offset
+
+    def _send(self, messages: list[Message], arrays: ArrayRecord) -> int:
+        """Put the adapter into the messages in transfer precision; return the bytes sent."""
+        encoded = to_array_record(from_array_record(arrays), self.transfer_dtype)
+        for message in messages:
+            message.content["arrays"] = encoded
+        return record_bytes(encoded) * len(messages)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Add this round's learning rate to the train config, then sample as the strategy does."""
-        config[LEARNING_RATE_KEY] = self.learning_rate(server_round)
+        """Add the round's learning rate, sample as the strategy does, send in transfer precision."""
+        run_round = self.run_round(server_round)
+        config[LEARNING_RATE_KEY] = self.learning_rate(run_round)
+        config[RUN_ROUND_KEY] = run_round
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.round_stats[server_round].update(
-            learning_rate=config[LEARNING_RATE_KEY], train_sampled=len(messages)
-        )
+        self._sent = arrays
+        stats = self.round_stats[run_round]
+        stats.update(learning_rate=config[LEARNING_RATE_KEY], train_sampled=len(messages))
+        stats["bytes_down"] = stats.get("bytes_down", 0) + self._send(messages, arrays)
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the adapters and note the round's reply counts and loss."""
+        """Check the replies, then average the valid adapters as float32 values."""
+        run_round = self.run_round(server_round)
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        failures = sum(reply.has_error() for reply in replies)
-        stats = self.round_stats[server_round]
-        stats.update(train_replies=len(replies) - failures, train_failures=failures)
+        stats = self.round_stats[run_round]
+        failures = [reply for reply in replies if reply.has_error()]
+        valid = self._valid_replies(
+            run_round, "train", [r for r in replies if not r.has_error()],
+            lambda reply: check_train_reply(reply, self._sent, self.transfer_dtype),
+        )
+        stats.update(
+            train_replies=len(replies) - len(failures),
+            train_failures=len(failures),
+            train_rejected=len(replies) - len(failures) - len(valid),
+            bytes_up=sum(record_bytes(r.content["arrays"]) for r in replies if not r.has_error()
+                         and isinstance(r.content.get("arrays"), ArrayRecord)),
+        )
+        if len(valid) < self.min_train_replies:
+            stats["kept_previous_adapter"] = True
+            log(WARNING, "Round %d: %d valid replies, fewer than strategy.min-train-replies=%d: "
+                "keeping the previous global adapter", run_round, len(valid), self.min_train_replies)
+            return None, None
+        for reply in valid:
+            reply.content["arrays"] = to_float32(reply.content["arrays"])
+        arrays, metrics = super().aggregate_train(server_round, valid + failures)
         if metrics is not None and "train_loss" in metrics:
             stats["train_loss"] = float(metrics["train_loss"])
         return arrays, metrics
@@ -57,31 +115,65 @@ class LoraRounds:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients for evaluation as the strategy does, noting how many."""
+        """Sample clients for evaluation as the strategy does, sending in transfer precision."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.round_stats[server_round]["eval_sampled"] = len(messages)
+        stats = self.round_stats[self.run_round(server_round)]
+        stats["eval_sampled"] = len(messages)
+        stats["bytes_down"] = stats.get("bytes_down", 0) + self._send(messages, arrays)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Average the clients' held-out losses by example count, noting the round's reply counts."""
+        """Average the valid replies' held-out losses by example count."""
+        run_round = self.run_round(server_round)
         replies = list(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
-        failures = sum(reply.has_error() for reply in replies)
-        stats = self.round_stats[server_round]
-        stats.update(eval_replies=len(replies) - failures, eval_failures=failures)
+        failures = [reply for reply in replies if reply.has_error()]
+        valid = self._valid_replies(
+            run_round, "evaluate", [r for r in replies if not r.has_error()], check_evaluate_reply
+        )
+        stats = self.round_stats[run_round]
+        stats.update(
+            eval_replies=len(replies) - len(failures),
+            eval_failures=len(failures),
+            eval_rejected=len(replies) - len(failures) - len(valid),
+        )
+        if not valid:
+            return None
+        metrics = super().aggregate_evaluate(server_round, valid + failures)
         if metrics is not None and "eval_loss" in metrics:
             stats["eval_loss"] = float(metrics["eval_loss"])
         return metrics
+
+    def _valid_replies(
+        self, run_round: int, kind: str, replies: list[Message], check: Callable[[Message], str | None]
+    ) -> list[Message]:
+        """Return the replies that pass `check` and share their metric names; log the others."""
+        valid: list[Message] = []
+        for reply in replies:
+            reason = check(reply)
+            if reason is None and valid and metric_keys(reply) != metric_keys(valid[0]):
+                reason = f"its metrics {sorted(metric_keys(reply))} differ from other replies' {sorted(metric_keys(valid[0]))}"
+            if reason is None:
+                valid.append(reply)
+            else:
+                log(WARNING, "Round %d: rejected %s reply from node %d: %s",
+                    run_round, kind, reply.metadata.src_node_id, reason)
+        return valid
 
 
 class LoraFedAvg(LoraRounds, FedAvg):
     """Flower's FedAvg with the LoRA round hooks."""
 
 
-def build_strategy(settings: StrategySettings, learning_rate: Callable[[int], float]) -> Strategy:
+def build_strategy(
+    config: AppConfig, learning_rate: Callable[[int], float], round_offset: int = 0
+) -> Strategy:
     """Return the configured Flower strategy with the LoRA round hooks mixed in."""
+    settings = config.strategy
     return LoraFedAvg(
         learning_rate=learning_rate,
+        transfer_dtype=config.transfer.dtype,
+        min_train_replies=settings.min_train_replies,
+        round_offset=round_offset,
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
         min_train_nodes=settings.min_train_nodes,

@@ -1,20 +1,18 @@
-"""Pure pieces: the learning-rate schedule, adapters through ArrayRecord, and FedAvg's weighting."""
+"""Pure pieces: the learning-rate schedule and adapters through ArrayRecord in each transfer precision."""
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
-
-from flwr.supercore.task_identity import TaskIdentity
-
-from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
+from flowertune_llm.adapters import (
+    adapter_state,
+    from_array_record,
+    load_adapter_state,
+    record_bytes,
+    to_array_record,
+    to_float32,
+)
 from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.strategy import LEARNING_RATE_KEY, LoraFedAvg
 from flowertune_llm.training import cosine_learning_rate, round_seed
 
 
@@ -78,44 +76,27 @@ def test_skeleton_starts_as_identity_adapter(config):
     assert all("lora_" in k for k in state)
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Give this process the identity a ServerApp has, so Messages can be built outside a run."""
-    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
+@pytest.mark.parametrize("dtype, wire, bytes_per_value", [
+    ("float32", "float32", 4), ("float16", "float16", 2), ("bfloat16", "uint16", 2),
+])
+def test_transfer_precision_sets_wire_dtype_and_size(config, dtype, wire, bytes_per_value):
+    state = adapter_state(build_adapter_skeleton(config.model, seed=0))
+    record = to_array_record(state, dtype)
+    values = sum(t.numel() for t in state.values())
+    assert {array.dtype for array in record.values()} == {wire}
+    # Payload = values x width, plus numpy's small per-array header.
+    assert values * bytes_per_value <= record_bytes(record) <= values * bytes_per_value + 160 * len(state)
 
 
-def _train_reply(instruction: Message, arrays: dict[str, torch.Tensor], loss: float, examples: int) -> Message:
-    metrics = MetricRecord({"train_loss": loss, "num-examples": examples})
-    return Message(RecordDict({"arrays": ArrayRecord(OrderedDict(arrays)), "metrics": metrics}), reply_to=instruction)
+def test_bfloat16_transfer_is_exact_for_bfloat16_weights_and_averages_as_float32(config):
+    state = adapter_state(build_adapter_skeleton(config.model, seed=0))
+    trained_in_bf16 = {name: t.to(torch.bfloat16).float() for name, t in state.items()}
+    back = from_array_record(to_array_record(trained_in_bf16, "bfloat16"))
+    assert all(back[n].dtype == torch.bfloat16 and torch.equal(back[n].float(), trained_in_bf16[n]) for n in back)
+    as_float32 = to_float32(to_array_record(trained_in_bf16, "bfloat16"))
+    assert {array.dtype for array in as_float32.values()} == {"float32"}
 
 
-def test_fedavg_of_adapters_is_the_example_weighted_mean(task_identity):
-    strategy = LoraFedAvg(learning_rate=lambda r: 0.1)
-    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type=MessageType.TRAIN)
-    a = {"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[4.0]])}
-    b = {"x.lora_A.weight": torch.tensor([[3.0, -2.0]]), "x.lora_B.weight": torch.tensor([[0.0]])}
-    arrays, metrics = strategy.aggregate_train(
-        1, [_train_reply(instruction, a, 2.0, 30), _train_reply(instruction, b, 1.0, 10)]
-    )
-    averaged = arrays.to_torch_state_dict()
-    for name in a:
-        expected = (30 * a[name] + 10 * b[name]) / 40
-        assert torch.allclose(averaged[name], expected)
-    assert metrics["train_loss"] == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
-    assert strategy.round_stats[1]["train_replies"] == 2
-    assert strategy.round_stats[1]["train_loss"] == pytest.approx(1.75)
-
-
-def test_train_config_carries_round_learning_rate(task_identity):
-    class TwoNodeGrid:
-        def get_node_ids(self):
-            return [1, 2]
-
-    strategy = LoraFedAvg(learning_rate=lambda r: 1.0 / r)
-    config = ConfigRecord()
-    messages = list(strategy.configure_train(4, ArrayRecord(), config, TwoNodeGrid()))
-    assert len(messages) == 2
-    sent = messages[0].content["config"]
-    assert sent[LEARNING_RATE_KEY] == pytest.approx(0.25) and sent["server-round"] == 4
-    assert math.isclose(strategy.round_stats[4]["learning_rate"], 0.25)
+def test_unknown_transfer_dtype_is_refused(config):
+    with pytest.raises(ValueError, match="transfer dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        to_array_record({"a": torch.zeros(2)}, "int8")

@@ -1,0 +1,72 @@
+"""Which client replies may enter aggregation: one check per reply, naming what is wrong.
+
+Flower's strategies assume consistent replies: a single reply without `num-examples`, with other
+keys, or with NaN weights either aborts the run or poisons the average. Each check here returns
+the reason a reply must be rejected, or None when it is fine to aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from flowertune_llm.adapters import WIRE_DTYPES
+
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+def _check_metrics(reply: Message, loss_key: str) -> str | None:
+    records = reply.content.metric_records
+    if list(records) != ["metrics"]:
+        return f"expected one MetricRecord 'metrics', got {sorted(records) or 'none'}"
+    metrics: MetricRecord = records["metrics"]
+    examples = metrics.get(NUM_EXAMPLES_KEY)
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        return f"'{NUM_EXAMPLES_KEY}' must be a positive number, got {examples!r}"
+    loss = metrics.get(loss_key)
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return f"'{loss_key}' must be a finite number, got {loss!r}"
+    return None
+
+
+def check_train_reply(reply: Message, sent: ArrayRecord, transfer_dtype: str) -> str | None:
+    """Return why a training reply cannot be aggregated with the adapter `sent`, or None."""
+    problem = _check_metrics(reply, "train_loss")
+    if problem:
+        return problem
+    records = reply.content.array_records
+    if list(records) != ["arrays"]:
+        return f"expected one ArrayRecord 'arrays', got {sorted(records) or 'none'}"
+    arrays: ArrayRecord = records["arrays"]
+    missing, extra = sent.keys() - arrays.keys(), arrays.keys() - sent.keys()
+    if missing or extra:
+        return (
+            f"adapter keys differ from the global adapter: {len(missing)} missing "
+            f"{sorted(missing)[:2]}, {len(extra)} extra {sorted(extra)[:2]}"
+        )
+    wire_dtype = WIRE_DTYPES[transfer_dtype]
+    for name, array in arrays.items():
+        if tuple(array.shape) != tuple(sent[name].shape):
+            return f"'{name}' has shape {tuple(array.shape)}, expected {tuple(sent[name].shape)}"
+        if array.dtype != wire_dtype:
+            return f"'{name}' has dtype {array.dtype}, expected {wire_dtype} (transfer.dtype={transfer_dtype})"
+        values = array.numpy()
+        if values.dtype == np.uint16:  # bfloat16 bits: exponent all ones means Inf or NaN
+            finite = bool(np.all((values & 0x7F80) != 0x7F80))
+        else:
+            finite = bool(np.isfinite(values).all())
+        if not finite:
+            return f"'{name}' holds NaN or Inf values"
+    return None
+
+
+def check_evaluate_reply(reply: Message) -> str | None:
+    """Return why an evaluation reply cannot be averaged, or None."""
+    return _check_metrics(reply, "eval_loss")
+
+
+def metric_keys(reply: Message) -> frozenset[str]:
+    """Return the metric names of a reply (replies averaged together must share them)."""
+    return frozenset(reply.content.metric_records["metrics"].keys())

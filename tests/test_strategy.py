@@ -1,0 +1,176 @@
+"""The server's strategy hooks: FedAvg weighting, transfer precision, bytes, and rejected replies."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from flowertune_llm.adapters import from_array_record, to_array_record
+from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY, LoraFedAvg
+
+GLOBAL = OrderedDict({"x.lora_A.weight": torch.tensor([[0.5, 0.5]]), "x.lora_B.weight": torch.tensor([[0.0]])})
+A = OrderedDict({"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[4.0]])})
+B = OrderedDict({"x.lora_A.weight": torch.tensor([[3.0, -2.0]]), "x.lora_B.weight": torch.tensor([[0.0]])})
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Give this process the identity a ServerApp has, so Messages can be built outside a run."""
+    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+class Grid:
+    """The part of a Grid that sampling uses: the connected node ids."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _strategy(nodes: int = 2, **hooks) -> tuple[LoraFedAvg, list[Message]]:
+    """A strategy that has sent GLOBAL to `nodes` nodes in round 1, and the messages it sent."""
+    strategy = LoraFedAvg(learning_rate=lambda r: 0.1, min_train_nodes=nodes, min_available_nodes=nodes, **hooks)
+    sent = list(strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), Grid(nodes)))
+    return strategy, sent
+
+
+def _reply(instruction: Message, arrays: dict | ArrayRecord, loss: float = 1.0, examples=10, dtype="float32",
+           **extra_metrics) -> Message:
+    record = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays, dtype)
+    metrics = MetricRecord({"train_loss": loss, "num-examples": examples, **extra_metrics})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
+
+
+def test_fedavg_of_adapters_is_the_example_weighted_mean():
+    strategy, sent = _strategy()
+    arrays, metrics = strategy.aggregate_train(1, [_reply(sent[0], A, 2.0, 30), _reply(sent[1], B, 1.0, 10)])
+    averaged = arrays.to_torch_state_dict()
+    for name in A:
+        assert torch.allclose(averaged[name], (30 * A[name] + 10 * B[name]) / 40)
+    assert metrics["train_loss"] == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
+    assert strategy.round_stats[1]["train_replies"] == 2
+    assert strategy.round_stats[1]["train_loss"] == pytest.approx(1.75)
+
+
+def test_train_config_carries_the_run_round_and_its_learning_rate():
+    # After a resume at round 3, Flower's round 1 is the run's round 4.
+    strategy = LoraFedAvg(learning_rate=lambda r: 1.0 / r, round_offset=3)
+    messages = list(strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), Grid(2)))
+    assert len(messages) == 2
+    sent = messages[0].content["config"]
+    assert sent[LEARNING_RATE_KEY] == pytest.approx(0.25) and sent[RUN_ROUND_KEY] == 4
+    assert math.isclose(strategy.round_stats[4]["learning_rate"], 0.25)
+
+
+def test_bfloat16_transfer_halves_bytes_and_averages_real_values():
+    plain, plain_sent = _strategy()
+    compact, compact_sent = _strategy(transfer_dtype="bfloat16")
+    assert {a.dtype for a in compact_sent[0].content["arrays"].values()} == {"uint16"}
+    assert from_array_record(compact_sent[0].content["arrays"])["x.lora_A.weight"].dtype == torch.bfloat16
+
+    plain.aggregate_train(1, [_reply(plain_sent[0], A, examples=30), _reply(plain_sent[1], B, examples=10)])
+    arrays, _ = compact.aggregate_train(1, [
+        _reply(compact_sent[0], A, examples=30, dtype="bfloat16"),
+        _reply(compact_sent[1], B, examples=10, dtype="bfloat16"),
+    ])
+    averaged = arrays.to_torch_state_dict()
+    assert averaged["x.lora_A.weight"].dtype == torch.float32
+    assert torch.equal(averaged["x.lora_A.weight"], torch.tensor([[1.5, 1.0]]))
+    # Payloads shrink to half; numpy's per-array header is the same size in both.
+    header = 128 * len(GLOBAL) * 2
+    for direction in ("bytes_down", "bytes_up"):
+        assert compact.round_stats[1][direction] - header < plain.round_stats[1][direction] - header
+        assert (plain.round_stats[1][direction] - header) == 2 * (compact.round_stats[1][direction] - header)
+
+
+def _nan(state: dict) -> dict:
+    return {name: torch.full_like(t, float("nan")) for name, t in state.items()}
+
+
+def _wire(dtype: str) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((n, Array(t.numpy().astype(dtype))) for n, t in A.items()))
+
+
+BAD_REPLIES = {
+    "NaN values": (lambda m: _reply(m, _nan(A)), "holds NaN or Inf"),
+    "Inf values": (lambda m: _reply(m, {**A, "x.lora_B.weight": torch.tensor([[math.inf]])}), "holds NaN or Inf"),
+    "NaN in bfloat16 bits": (lambda m: _reply(m, _nan(A), dtype="bfloat16"), "dtype uint16, expected float32"),
+    "wrong shape": (lambda m: _reply(m, {**A, "x.lora_A.weight": torch.ones(2, 2)}), "shape (2, 2), expected (1, 2)"),
+    "extra key": (lambda m: _reply(m, {**A, "x.lora_C.weight": torch.ones(1)}), "1 extra ['x.lora_C.weight']"),
+    "missing key": (lambda m: _reply(m, {"x.lora_A.weight": A["x.lora_A.weight"]}), "1 missing ['x.lora_B.weight']"),
+    "wrong dtype": (lambda m: _reply(m, _wire("float64")), "dtype float64, expected float32"),
+    "zero examples": (lambda m: _reply(m, A, examples=0), "'num-examples' must be a positive number, got 0"),
+    "negative examples": (lambda m: _reply(m, A, examples=-5), "got -5"),
+    "NaN loss": (lambda m: _reply(m, A, loss=float("nan")), "'train_loss' must be a finite number"),
+    "no num-examples": (
+        lambda m: Message(RecordDict({"arrays": to_array_record(A), "metrics": MetricRecord({"train_loss": 1.0})}),
+                          reply_to=m),
+        "'num-examples' must be a positive number, got None"),
+    "no arrays": (
+        lambda m: Message(RecordDict({"metrics": MetricRecord({"train_loss": 1.0, "num-examples": 3})}), reply_to=m),
+        "expected one ArrayRecord 'arrays', got none"),
+    "other metric names": (lambda m: _reply(m, A, surprise=1.0), "differ from other replies'"),
+}
+
+
+@pytest.mark.parametrize("fault", BAD_REPLIES, ids=list(BAD_REPLIES))
+def test_a_malformed_reply_is_rejected_and_the_others_are_averaged(fault, caplog):
+    make_bad, reason = BAD_REPLIES[fault]
+    strategy, sent = _strategy(nodes=3)
+    good = [_reply(sent[0], A, examples=30), _reply(sent[1], B, examples=10)]
+    arrays, _ = strategy.aggregate_train(1, [*good, make_bad(sent[2])])
+    averaged = arrays.to_torch_state_dict()
+    for name in A:
+        assert torch.allclose(averaged[name], (30 * A[name] + 10 * B[name]) / 40)
+    stats = strategy.round_stats[1]
+    assert (stats["train_replies"], stats["train_rejected"], stats["train_failures"]) == (3, 1, 0)
+    rejection = [r.getMessage() for r in caplog.records if "rejected train reply" in r.getMessage()]
+    assert len(rejection) == 1 and f"from node {sent[2].metadata.dst_node_id}" in rejection[0]
+    assert reason in rejection[0]
+
+
+def test_bfloat16_nan_bits_are_caught():
+    strategy, sent = _strategy(nodes=2, transfer_dtype="bfloat16")
+    bad = _reply(sent[1], _nan(A), dtype="bfloat16")
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], A, dtype="bfloat16"), bad])
+    assert strategy.round_stats[1]["train_rejected"] == 1
+    assert torch.equal(arrays.to_torch_state_dict()["x.lora_A.weight"], A["x.lora_A.weight"])
+
+
+def test_too_few_valid_replies_keep_the_previous_adapter(caplog):
+    strategy, sent = _strategy(nodes=2, min_train_replies=2)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(sent[0], A), _reply(sent[1], _nan(A))])
+    assert arrays is None and metrics is None
+    assert strategy.round_stats[1]["kept_previous_adapter"] is True
+    assert any("keeping the previous global adapter" in r.getMessage() for r in caplog.records)
+
+
+def test_all_replies_failing_keeps_the_previous_adapter():
+    strategy, sent = _strategy(nodes=2)
+    failed = [Message(Error(code=0, reason="client raised"), reply_to=message) for message in sent]
+    arrays, _ = strategy.aggregate_train(1, failed)
+    assert arrays is None
+    assert strategy.round_stats[1]["train_failures"] == 2
+
+
+def test_malformed_evaluate_reply_is_left_out_of_the_average():
+    strategy = LoraFedAvg(learning_rate=lambda r: 0.1)
+    sent = list(strategy.configure_evaluate(1, to_array_record(GLOBAL), ConfigRecord(), Grid(2)))
+
+    def reply(message, loss, examples):
+        return Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": examples})}),
+                       reply_to=message)
+
+    metrics = strategy.aggregate_evaluate(1, [reply(sent[0], 2.0, 5), reply(sent[1], float("nan"), 5)])
+    assert metrics["eval_loss"] == pytest.approx(2.0)
+    assert strategy.round_stats[1]["eval_rejected"] == 1
+    assert np.isfinite(strategy.round_stats[1]["eval_loss"])
