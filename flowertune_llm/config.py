@@ -82,6 +82,7 @@ class TrainSettings:
     optimizer: str = MISSING
     seed: int = MISSING
     save_every_round: int = MISSING
+    resume_from: str = MISSING
 
 
 @dataclass

@@ -3,10 +3,12 @@
 Layout of `results/<run-name>/`:
   run-config.toml        every setting of the run (reusable: `flwr run . --run-config <it>`)
   metrics.json           one record per finished round
+  checkpoint.safetensors the latest global adapter and its round: what `train.resume-from` continues
   adapter-round-<k>/     the global adapter after round k (every `train.save-every-round` rounds)
   adapter-final/         the global adapter after the last round
 Every file is written to a temporary name and renamed, so a killed run never leaves a half-written
-file behind.
+file behind. metrics.json is written before the checkpoint, so the checkpoint's round is never
+ahead of the metrics; a resume drops any metrics record after the checkpoint's round.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from peft import PeftModel
+from safetensors.torch import save_file
 
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig, ResultsSettings, to_run_config
 
 FINAL_ADAPTER = "adapter-final"
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.json"
+RUN_CONFIG = "run-config.toml"
 
 
 class ResultsError(RuntimeError):
@@ -83,23 +89,53 @@ def to_toml(flat: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class RunRecorder:
-    """Writes the results folder as rounds finish and logs one progress line per round."""
+def save_checkpoint(folder: Path, arrays: ArrayRecord, server_round: int) -> None:
+    """Save the global adapter after `server_round` (float32, safetensors) through a rename."""
+    state = {name: tensor.float().contiguous() for name, tensor in from_array_record(arrays).items()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=folder)
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata={"round": str(server_round)})
+        os.replace(temporary, folder / CHECKPOINT)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
-    def __init__(self, folder: Path, config: AppConfig, skeleton: PeftModel) -> None:
+
+class RunRecorder:
+    """Writes the results folder as rounds finish and logs one progress line per round.
+
+    A new run (`earlier_rounds` None) creates the folder; a resumed one continues it, keeping the
+    records of the rounds it already finished.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        config: AppConfig,
+        skeleton: PeftModel,
+        earlier_rounds: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.folder = folder
         self.config = config
         self.skeleton = skeleton
-        self.rounds: list[dict[str, Any]] = []
         self.started = time.monotonic()
-        folder.mkdir(parents=True)
-        write_atomically(folder / "run-config.toml", to_toml(to_run_config(config)))
+        if earlier_rounds is None:
+            self.rounds: list[dict[str, Any]] = []
+            self.resumed_after: list[int] = []
+            folder.mkdir(parents=True)
+            write_atomically(folder / RUN_CONFIG, to_toml(to_run_config(config)))
+        else:
+            self.rounds = list(earlier_rounds)
+            previous = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+            last_round = self.rounds[-1]["round"] if self.rounds else 0
+            self.resumed_after = [*previous.get("resumed-after-round", []), last_round]
+            # Elapsed time goes on from where the interrupted run left it.
+            self.started -= self.rounds[-1]["elapsed_s"] if self.rounds else 0.0
         self._write_metrics()
 
     def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
-        """Record a finished round (round 0 is the initial adapter: nothing to record)."""
-        if server_round == 0:
-            return
+        """Record a finished round: metrics, then checkpoint, then the adapter when due."""
         record: dict[str, Any] = {"round": server_round, **stats}
         if "eval_loss" in record:
             record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
@@ -108,6 +144,7 @@ class RunRecorder:
         record["elapsed_s"] = round(time.monotonic() - self.started, 2)
         self.rounds.append(record)
         self._write_metrics()
+        save_checkpoint(self.folder, arrays, server_round)
         every = self.config.train.save_every_round
         if every and server_round % every == 0:
             self.save_adapter(arrays, f"adapter-round-{server_round:03d}")
@@ -160,9 +197,11 @@ class RunRecorder:
         return self.save_adapter(arrays, FINAL_ADAPTER)
 
     def _write_metrics(self) -> None:
-        document = {
+        document: dict[str, Any] = {
             "run-name": self.folder.name,
             "num-server-rounds": self.config.num_server_rounds,
             "rounds": self.rounds,
         }
-        write_atomically(self.folder / "metrics.json", json.dumps(document, indent=2) + "\n")
+        if self.resumed_after:
+            document["resumed-after-round"] = self.resumed_after
+        write_atomically(self.folder / METRICS, json.dumps(document, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
   1. Validate the run config (any bad key stops here, before a model is touched).
   2. Build the initial global adapter on a weightless copy of the base model.
-  3. Each round: sample clients, send the global adapter and the round's learning rate,
+  3. Or, with `train.resume-from`, pick up an interrupted run's adapter after its last round.
+  4. Each round: sample clients, send the global adapter and the round's learning rate,
      average the returned adapters with FedAvg (weighted by examples), evaluate on the
      clients' held-out data, record metrics and save the adapter when due.
 """
@@ -21,6 +22,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.data import check_dataset_source
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, run_folder
+from flowertune_llm.resume import find_resume_point
 from flowertune_llm.strategy import build_strategy
 from flowertune_llm.training import cosine_learning_rate
 
@@ -32,10 +34,15 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of FedAvg over LoRA adapters."""
     config = parse_config(context.run_config)
     check_dataset_source(config.dataset.name)
-    folder = run_folder(config.results, config)
+    resume = find_resume_point(config) if config.train.resume_from else None
+    folder = resume.folder if resume else run_folder(config.results, config)
     skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
-    recorder = RunRecorder(folder, config, skeleton)
+    recorder = RunRecorder(folder, config, skeleton, earlier_rounds=resume.rounds if resume else None)
+    rounds_done = resume.round if resume else 0
+    global_adapter = resume.arrays if resume else to_array_record(adapter_state(skeleton))
     log(INFO, "Results of this run go to %s", folder)
+    if resume:
+        log(INFO, "Resuming after round %d of %d", rounds_done, config.num_server_rounds)
 
     strategy = build_strategy(
         config,
@@ -45,19 +52,23 @@ def main(grid: Grid, context: Context) -> None:
             lr_max=config.train.learning_rate_max,
             lr_min=config.train.learning_rate_min,
         ),
+        round_offset=rounds_done,
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:  # Flower's call before the first round: nothing finished yet
+            return
         run_round = strategy.run_round(server_round)
         recorder.end_round(run_round, arrays, dict(strategy.round_stats.get(run_round, {})))
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_array_record(adapter_state(skeleton)),
-        num_rounds=config.num_server_rounds,
-        timeout=config.strategy.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=after_round,
-    )
-    final = recorder.finish(result.arrays)
+    if rounds_done < config.num_server_rounds:
+        global_adapter = strategy.start(
+            grid=grid,
+            initial_arrays=global_adapter,
+            num_rounds=config.num_server_rounds - rounds_done,
+            timeout=config.strategy.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=after_round,
+        ).arrays
+    final = recorder.finish(global_adapter)
     log(INFO, "Done. Metrics: %s | final global adapter: %s", folder / "metrics.json", final)

@@ -8,46 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm import client_app, server_app
 from flowertune_llm.adapters import adapter_state
 from flowertune_llm.config import parse_config
 from flowertune_llm.model import build_adapter_skeleton, resolve_model_path
 
 from conftest import default_run_config
-
-
-def _with_run_config(context: Context, run_config: dict) -> Context:
-    # run_simulation() gives apps an empty run_config; hand them the one `flwr run` would.
-    return Context(
-        run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-        state=context.state, run_config=run_config,
-    )
-
-
-def _apps(run_config: dict) -> tuple[ServerApp, ClientApp]:
-    server, client = ServerApp(), ClientApp()
-
-    @server.main()
-    def _main(grid, context):
-        server_app.main(grid, _with_run_config(context, run_config))
-
-    @client.train()
-    def _train(msg, context):
-        return client_app.train(msg, _with_run_config(context, run_config))
-
-    @client.evaluate()
-    def _evaluate(msg, context):
-        return client_app.evaluate(msg, _with_run_config(context, run_config))
-
-    return server, client
+from simulation import simulate
 
 
 def _sha256(path) -> str:
@@ -68,8 +38,7 @@ def test_two_rounds_two_clients(tmp_path, bits):
     weights_file = checkpoint / "model.safetensors"
     weights_before = _sha256(weights_file)
 
-    server, client = _apps(run_config)
-    run_simulation(server, client, num_supernodes=2, backend_config={"client_resources": {"num_cpus": 1}})
+    simulate(run_config)
 
     folder = tmp_path / "run"
     metrics = json.loads((folder / "metrics.json").read_text())

@@ -1,0 +1,60 @@
+"""Run the real ServerApp and ClientApp in one simulation, with a given run config.
+
+`flwr.simulation.run_simulation` hands apps an empty run config; these wrappers give them the one
+`flwr run` would. Also runnable, so a test can run (and kill) a simulation in its own process:
+    python tests/simulation.py RUN_CONFIG_JSON [NUM_SUPERNODES]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from flowertune_llm import client_app, server_app
+
+ClientHandler = Callable[[Message, Context], Message]
+
+
+def with_run_config(context: Context, run_config: dict) -> Context:
+    """Return the context with `run_config` in it."""
+    return Context(
+        run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+        state=context.state, run_config=run_config,
+    )
+
+
+def apps(run_config: dict, train: ClientHandler = client_app.train) -> tuple[ServerApp, ClientApp]:
+    """Return a ServerApp and ClientApp that run the app's own handlers (or `train` instead)."""
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _main(grid, context):
+        server_app.main(grid, with_run_config(context, run_config))
+
+    @client.train()
+    def _train(msg, context):
+        return train(msg, with_run_config(context, run_config))
+
+    @client.evaluate()
+    def _evaluate(msg, context):
+        return client_app.evaluate(msg, with_run_config(context, run_config))
+
+    return server, client
+
+
+def simulate(run_config: dict, num_supernodes: int = 2, train: ClientHandler = client_app.train) -> None:
+    """Run the app in Flower's simulation engine, one CPU per client."""
+    server, client = apps(run_config, train)
+    run_simulation(server, client, num_supernodes=num_supernodes,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+
+
+if __name__ == "__main__":
+    simulate(json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]) if len(sys.argv) > 2 else 2)
