@@ -1,7 +1,9 @@
 """The built-in instruction dataset: small, deterministic Alpaca-format tasks a tiny model can learn.
 
-The shipped file `flowertune_llm/data/tiny_instructions.jsonl` is the output of
-`python -m flowertune_llm.builtin_data`; a test regenerates it and checks that it is unchanged.
+The shipped files `flowertune_llm/data/tiny_instructions.jsonl` (the clients' data) and
+`tiny_instructions_heldout.jsonl` (the server's held-out set: other draws, none of them in the
+clients' data) are the output of `python -m flowertune_llm.builtin_data`; a test regenerates them
+and checks that they are unchanged.
 Each task has a short rule-based answer, so a model with a few hundred thousand parameters
 measurably lowers its loss on it within a few federated rounds.
 """
@@ -14,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 BUILTIN_DATASET_FILE = Path(__file__).parent / "data" / "tiny_instructions.jsonl"
+BUILTIN_HELDOUT_FILE = Path(__file__).parent / "data" / "tiny_instructions_heldout.jsonl"
 NUM_EXAMPLES = 1200
+NUM_HELDOUT = 180
 SEED = 20261124
+HELDOUT_SEED = SEED + 1
 
 WORDS = (
     "apple river garden window purple silver forest candle market planet bridge castle "
@@ -118,6 +123,22 @@ def generate_examples(num_examples: int = NUM_EXAMPLES, seed: int = SEED) -> lis
     return examples
 
 
+def generate_heldout(num_examples: int = NUM_HELDOUT, seed: int = HELDOUT_SEED) -> list[Example]:
+    """Return `num_examples` records of the same tasks, none of whose questions the clients' data asks."""
+    seen = {(e["instruction"], e["input"]) for e in generate_examples()}
+    candidates = generate_examples(20 * num_examples, seed)
+    fresh = [e for e in candidates if (e["instruction"], e["input"]) not in seen]
+    # Take the tasks in turn while they have fresh questions (the capital and opposite tasks have
+    # none: every one of their few questions is in the clients' data).
+    by_task: dict[str, list[Example]] = {}
+    for example in fresh:
+        by_task.setdefault(example["category"], []).append(example)
+    ordered = []
+    for turn in range(max(map(len, by_task.values()), default=0)):
+        ordered.extend(group[turn] for group in by_task.values() if turn < len(group))
+    return ordered[:num_examples]
+
+
 def write_jsonl(examples: list[Example], path: Path) -> None:
     """Write records as JSON Lines, one sorted-key object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,4 +149,5 @@ def write_jsonl(examples: list[Example], path: Path) -> None:
 
 if __name__ == "__main__":
     write_jsonl(generate_examples(), BUILTIN_DATASET_FILE)
-    print(f"Wrote {NUM_EXAMPLES} examples to {BUILTIN_DATASET_FILE}")
+    write_jsonl(generate_heldout(), BUILTIN_HELDOUT_FILE)
+    print(f"Wrote {NUM_EXAMPLES} examples to {BUILTIN_DATASET_FILE}, {NUM_HELDOUT} to {BUILTIN_HELDOUT_FILE}")

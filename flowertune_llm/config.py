@@ -99,6 +99,14 @@ class StrategySettings:
 
 
 @dataclass
+class EvaluateSettings:
+    """Server-side evaluation of the global adapter (client-side is `strategy.fraction-evaluate`)."""
+
+    server_dataset: str = MISSING
+    server_every: int = MISSING
+
+
+@dataclass
 class TransferSettings:
     """How adapters travel between server and clients."""
 
@@ -122,6 +130,7 @@ class AppConfig:
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
 
@@ -231,6 +240,8 @@ def _check_values(config: AppConfig) -> list[str]:
         require(value >= 1, key, value, ">= 1")
     require(strategy.min_train_replies <= strategy.min_train_nodes, "strategy.min-train-replies",
             strategy.min_train_replies, f"<= strategy.min-train-nodes={strategy.min_train_nodes}")
+    require(config.evaluate.server_every >= 1, "evaluate.server-every", config.evaluate.server_every,
+            ">= 1 (rounds between server-side evaluations; the last round is always evaluated)")
     require(config.transfer.dtype in TRANSFER_DTYPES, "transfer.dtype", config.transfer.dtype,
             "one of " + ", ".join(TRANSFER_DTYPES))
     require(finite(strategy.round_timeout) and strategy.round_timeout > 0, "strategy.round-timeout",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -21,11 +21,12 @@ from flwr_datasets.partitioner import (
     SquarePartitioner,
 )
 
-from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE
+from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
 from flowertune_llm.config import DatasetSettings
 from flowertune_llm.prompts import alpaca_prompt
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
+BUILTIN_HELDOUT_NAME = "builtin:tiny-instructions-heldout"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 RESPONSE_COLUMNS = ("output", "response")
 
@@ -38,6 +39,8 @@ def dataset_source(name: str) -> tuple[str, str | None]:
     """Return (Flower Datasets `dataset` argument, local data file or None) for `dataset.name`."""
     if name == BUILTIN_DATASET_NAME:
         return "json", str(BUILTIN_DATASET_FILE)
+    if name == BUILTIN_HELDOUT_NAME:
+        return "json", str(BUILTIN_HELDOUT_FILE)
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path), None
@@ -139,6 +142,18 @@ def load_client_data(
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
+
+
+def load_heldout_data(name: str) -> Dataset:
+    """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split."""
+    dataset, data_file = dataset_source(name)
+    if data_file:
+        records = load_dataset(dataset, data_files=data_file, split="train")
+    else:
+        records = load_dataset(dataset, split="train" if Path(dataset).is_dir() else "test")
+    if len(records) == 0:
+        raise DatasetSourceError(f"evaluate.server-dataset: '{name}' holds no records")
+    return to_prompt_completion(records)
 
 
 def node_partition(node_config: dict) -> tuple[int, int]:

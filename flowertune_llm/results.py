@@ -137,8 +137,9 @@ class RunRecorder:
     def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
         """Record a finished round: metrics, then checkpoint, then the adapter when due."""
         record: dict[str, Any] = {"round": server_round, **stats}
-        if "eval_loss" in record:
-            record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
+        for loss in ("eval_loss", "server_eval_loss"):
+            if loss in record:
+                record[loss.replace("loss", "perplexity")] = math.exp(min(record[loss], 50.0))
         previous_total = self.rounds[-1].get("bytes_total", 0) if self.rounds else 0
         record["bytes_total"] = previous_total + record.get("bytes_down", 0) + record.get("bytes_up", 0)
         record["elapsed_s"] = round(time.monotonic() - self.started, 2)
@@ -174,6 +175,8 @@ class RunRecorder:
             parts.append(f"| train loss {record['train_loss']:.4f}")
         if "eval_loss" in record:
             parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
+        if "server_eval_loss" in record:
+            parts.append(f"| server eval loss {record['server_eval_loss']:.4f}")
         parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e}")
         parts.append(f"| {record['bytes_total'] / 1e6:.2f} MB sent so far | {record['elapsed_s']:.1f} s elapsed")
         return " ".join(parts)

@@ -5,7 +5,8 @@
   3. Or, with `train.resume-from`, pick up an interrupted run's adapter after its last round.
   4. Each round: sample clients, send the global adapter and the round's learning rate,
      average the returned adapters with FedAvg (weighted by examples), evaluate on the
-     clients' held-out data, record metrics and save the adapter when due.
+     clients' held-out data (and, if configured, the server's), record metrics, checkpoint, and
+     save the adapter when due.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flowertune_llm.data import check_dataset_source
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, run_folder
 from flowertune_llm.resume import find_resume_point
+from flowertune_llm.server_eval import ServerEvaluator
 from flowertune_llm.strategy import build_strategy
 from flowertune_llm.training import cosine_learning_rate
 
@@ -36,6 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     check_dataset_source(config.dataset.name)
     resume = find_resume_point(config) if config.train.resume_from else None
     folder = resume.folder if resume else run_folder(config.results, config)
+    evaluator = ServerEvaluator(config) if config.evaluate.server_dataset else None
     skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
     recorder = RunRecorder(folder, config, skeleton, earlier_rounds=resume.rounds if resume else None)
     rounds_done = resume.round if resume else 0
@@ -59,7 +62,10 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:  # Flower's call before the first round: nothing finished yet
             return
         run_round = strategy.run_round(server_round)
-        recorder.end_round(run_round, arrays, dict(strategy.round_stats.get(run_round, {})))
+        stats = dict(strategy.round_stats.get(run_round, {}))
+        if evaluator and evaluator.is_due(run_round):
+            stats["server_eval_loss"] = evaluator.loss(arrays)
+        recorder.end_round(run_round, arrays, stats)
 
     if rounds_done < config.num_server_rounds:
         global_adapter = strategy.start(

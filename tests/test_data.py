@@ -7,12 +7,19 @@ import json
 import pytest
 from datasets import Dataset
 
-from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, generate_examples, write_jsonl
+from flowertune_llm.builtin_data import (
+    BUILTIN_DATASET_FILE,
+    BUILTIN_HELDOUT_FILE,
+    generate_examples,
+    generate_heldout,
+    write_jsonl,
+)
 from flowertune_llm.data import (
     check_dataset_source,
     DatasetSourceError,
     dataset_source,
     load_client_data,
+    load_heldout_data,
     node_partition,
     to_prompt_completion,
 )
@@ -31,6 +38,17 @@ def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):
     records = [json.loads(line) for line in BUILTIN_DATASET_FILE.read_text().splitlines()]
     assert len(records) >= 1000
     assert all(record["instruction"] and record["output"] for record in records)
+
+
+def test_shipped_heldout_set_is_regenerated_and_asks_nothing_the_clients_see(tmp_path):
+    regenerated = tmp_path / "heldout.jsonl"
+    write_jsonl(generate_heldout(), regenerated)
+    assert regenerated.read_bytes() == BUILTIN_HELDOUT_FILE.read_bytes()
+    heldout = [json.loads(line) for line in BUILTIN_HELDOUT_FILE.read_text().splitlines()]
+    seen = {(r["instruction"], r["input"]) for r in generate_examples()}
+    assert len(heldout) == 180 and not any((r["instruction"], r["input"]) in seen for r in heldout)
+    data = load_heldout_data("builtin:tiny-instructions-heldout")
+    assert data.column_names == ["prompt", "completion"] and len(data) == 180
 
 
 def test_alpaca_prompt_with_and_without_input():

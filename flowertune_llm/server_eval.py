@@ -1,0 +1,42 @@
+"""Server-side evaluation: the global adapter's loss on a held-out set that the server holds.
+
+Off by default (`evaluate.server-dataset = ""`): it needs the base model's weights on the server,
+which the server otherwise never loads. When on, the quantized base is built once, at the first
+evaluation, and each evaluation only swaps the adapter in.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from flwr.app import ArrayRecord
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from flowertune_llm.adapters import from_array_record, load_adapter_state
+from flowertune_llm.config import AppConfig
+from flowertune_llm.data import load_heldout_data
+from flowertune_llm.model import build_peft_model, load_tokenizer
+from flowertune_llm.training import evaluate_loss
+
+
+class ServerEvaluator:
+    """Evaluates the global adapter every `evaluate.server-every` rounds and after the last one."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.data: Dataset = load_heldout_data(config.evaluate.server_dataset)
+        self._model: PeftModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    def is_due(self, server_round: int) -> bool:
+        """Return whether round `server_round` ends with a server-side evaluation."""
+        every = self.config.evaluate.server_every
+        return server_round % every == 0 or server_round == self.config.num_server_rounds
+
+    def loss(self, arrays: ArrayRecord) -> float:
+        """Return the mean response-token loss of the global adapter on the held-out set."""
+        if self._model is None:
+            self._model = build_peft_model(self.config.model)
+            self._tokenizer = load_tokenizer(self.config.model)
+        load_adapter_state(self._model, from_array_record(arrays))
+        return evaluate_loss(self._model, self._tokenizer, self.data, self.config.train)
