@@ -53,6 +53,7 @@ class ModelSettings:
     name: str = MISSING
     quantization: int = MISSING
     gradient_checkpointing: bool = MISSING
+    trust_remote_code: bool = MISSING
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -35,8 +35,8 @@ class DatasetSourceError(ValueError):
     """The configured dataset cannot be found, read or understood."""
 
 
-def dataset_source(name: str) -> tuple[str, str | None]:
-    """Return (Flower Datasets `dataset` argument, local data file or None) for `dataset.name`."""
+def dataset_source(name: str, key: str = "dataset.name") -> tuple[str, str | None]:
+    """Return (Flower Datasets `dataset` argument, local data file or None) for a dataset name."""
     if name == BUILTIN_DATASET_NAME:
         return "json", str(BUILTIN_DATASET_FILE)
     if name == BUILTIN_HELDOUT_NAME:
@@ -47,12 +47,12 @@ def dataset_source(name: str) -> tuple[str, str | None]:
     if path.is_file():
         if path.suffix.lower() not in LOCAL_FORMATS:
             raise DatasetSourceError(
-                f"dataset.name: '{name}' has suffix '{path.suffix}'; local files must be one of "
+                f"{key}: '{name}' has suffix '{path.suffix}'; local files must be one of "
                 + ", ".join(LOCAL_FORMATS)
             )
         return LOCAL_FORMATS[path.suffix.lower()], str(path)
     if path.suffix.lower() in LOCAL_FORMATS or name.startswith((".", "/", "~")):
-        raise DatasetSourceError(f"dataset.name: no such file or folder '{name}'")
+        raise DatasetSourceError(f"{key}: no such file or folder '{name}'")
     return name, None
 
 
@@ -142,18 +142,6 @@ def load_client_data(
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
-
-
-def load_heldout_data(name: str) -> Dataset:
-    """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split."""
-    dataset, data_file = dataset_source(name)
-    if data_file:
-        records = load_dataset(dataset, data_files=data_file, split="train")
-    else:
-        records = load_dataset(dataset, split="train" if Path(dataset).is_dir() else "test")
-    if len(records) == 0:
-        raise DatasetSourceError(f"evaluate.server-dataset: '{name}' holds no records")
-    return to_prompt_completion(records)
 
 
 def node_partition(node_config: dict) -> tuple[int, int]:

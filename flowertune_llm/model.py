@@ -49,8 +49,22 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
             f"model.name: '{settings.name}' is a local path but not a model folder "
             "(it has no config.json). Give the folder that `save_pretrained` wrote."
         )
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise ModelSourceError(
+            f"model.name: '{settings.name}' has no .safetensors weights. Only safetensors checkpoints "
+            "are loaded: pickle-based ones (.bin, .pt) can run code when loaded. Convert it with "
+            "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)` where you trust it."
+        )
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelSourceError(
+            f"model.name: '{settings.name}' needs code from its repository to load. Such code runs "
+            "with your permissions, so it is off: set model.trust-remote-code=true only for a model "
+            "whose code you have read."
+        ) from error
     except OSError as error:
         raise ModelSourceError(
             f"model.name: cannot load '{settings.name}': it is not a local folder and the "
@@ -88,7 +102,9 @@ def lora_config(settings: ModelSettings) -> LoraConfig:
 
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     """Load the model's tokenizer, giving it a padding token if it has none (as Llama's lacks)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.name))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(settings.name), trust_remote_code=settings.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -102,6 +118,9 @@ def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
         quantization_config=quantization_config(settings),
         dtype=COMPUTE_DTYPE,
         device_map=device_map,
+        # Weights from safetensors only: unpickling a .bin checkpoint can execute code.
+        use_safetensors=True,
+        trust_remote_code=settings.trust_remote_code,
     )
     if settings.quantization in (4, 8):
         model = prepare_model_for_kbit_training(
@@ -128,7 +147,7 @@ def build_adapter_skeleton(settings: ModelSettings, seed: int) -> PeftModel:
     """
     model_config = load_model_config(settings)
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(model_config)
+        base = AutoModelForCausalLM.from_config(model_config, trust_remote_code=settings.trust_remote_code)
     model = get_peft_model(base, lora_config(settings))
     torch.manual_seed(seed)
     for module in model.modules():

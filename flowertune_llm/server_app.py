@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from flowertune_llm.adapters import adapter_state, to_array_record
 from flowertune_llm.config import parse_config
 from flowertune_llm.data import check_dataset_source
-from flowertune_llm.model import build_adapter_skeleton
+from flowertune_llm.model import build_adapter_skeleton, load_model_config, load_tokenizer
+from flowertune_llm.preflight import check_training_data
 from flowertune_llm.results import RunRecorder, run_folder
 from flowertune_llm.resume import find_resume_point
 from flowertune_llm.server_eval import ServerEvaluator
@@ -36,6 +37,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of FedAvg over LoRA adapters."""
     config = parse_config(context.run_config)
     check_dataset_source(config.dataset.name)
+    load_model_config(config.model)
+    check_training_data(config, load_tokenizer(config.model))
     resume = find_resume_point(config) if config.train.resume_from else None
     folder = resume.folder if resume else run_folder(config.results, config)
     evaluator = ServerEvaluator(config) if config.evaluate.server_dataset else None

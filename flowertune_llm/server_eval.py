@@ -7,16 +7,34 @@ evaluation, and each evaluation only swaps the adapter in.
 
 from __future__ import annotations
 
-from datasets import Dataset
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
 from flwr.app import ArrayRecord
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig
-from flowertune_llm.data import load_heldout_data
+from flowertune_llm.data import DatasetSourceError, dataset_source, to_prompt_completion
 from flowertune_llm.model import build_peft_model, load_tokenizer
+from flowertune_llm.preflight import read_local_records
 from flowertune_llm.training import evaluate_loss
+
+
+KEY = "evaluate.server-dataset"
+
+
+def load_heldout_data(name: str) -> Dataset:
+    """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split."""
+    records = read_local_records(name, KEY)
+    if records is None:
+        dataset, _ = dataset_source(name, KEY)
+        try:
+            records = load_dataset(dataset, split="train" if Path(dataset).is_dir() else "test")
+        except Exception as error:  # offline, no `test` split, unreadable folder
+            raise DatasetSourceError(f"{KEY}: cannot load '{name}': {type(error).__name__}: {error}") from None
+    return to_prompt_completion(records)
 
 
 class ServerEvaluator:

@@ -19,12 +19,12 @@ from flowertune_llm.data import (
     DatasetSourceError,
     dataset_source,
     load_client_data,
-    load_heldout_data,
     node_partition,
     to_prompt_completion,
 )
 from flowertune_llm.model import build_peft_model, load_tokenizer
 from flowertune_llm.prompts import alpaca_prompt
+from flowertune_llm.server_eval import load_heldout_data
 from flowertune_llm.training import _trainer
 
 from conftest import default_run_config
