@@ -1,7 +1,8 @@
 """ClientApp: train the received global LoRA adapter on this node's data, or evaluate it.
 
-Each message: build the quantized PEFT model, load the global adapter, run trl's SFT trainer on
-the local partition for `train.max-steps` steps, reply with the new adapter and the loss.
+Each message: build the quantized PEFT model (or reuse the one kept from the previous round),
+load the global adapter, run trl's SFT trainer on the local partition for `train.max-steps`
+steps, reply with the new adapter, the loss and the round's timings.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from peft import PeftModel
 from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
 from flowertune_llm.config import AppConfig, parse_config
 from flowertune_llm.data import load_client_data, node_partition
-from flowertune_llm.model import build_peft_model, load_tokenizer
+from flowertune_llm.kept_model import peft_model
+from flowertune_llm.model import load_tokenizer
 from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
+from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics
 from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
@@ -31,10 +34,12 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _model_with_global_adapter(config: AppConfig, msg: Message) -> PeftModel:
-    """Build the quantized PEFT model and load the global adapter the server sent."""
-    model = build_peft_model(config.model)
-    load_adapter_state(model, from_array_record(msg.content["arrays"]))
+def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTimer) -> PeftModel:
+    """Build (or reuse) the quantized PEFT model and load the global adapter the server sent."""
+    with timer.phase("base"):
+        model = peft_model(config.model, reuse=config.model.reuse_base)
+    with timer.phase("adapter-load"):
+        load_adapter_state(model, from_array_record(msg.content["arrays"]))
     return model
 
 
@@ -42,23 +47,32 @@ def _model_with_global_adapter(config: AppConfig, msg: Message) -> PeftModel:
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the global adapter locally and return it with the training loss."""
     _quiet_progress_bars()
+    timer = PhaseTimer()
     config = parse_config(context.run_config)
     partition_id, num_partitions = node_partition(context.node_config)
-    train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
-    model = _model_with_global_adapter(config, msg)
+    with timer.phase("data"):
+        train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
+    model = _model_with_global_adapter(config, msg, timer)
     round_config = msg.content["config"]
-    train_loss = train_adapter(
-        model,
-        load_tokenizer(config.model),
-        train_data,
-        config.train,
-        learning_rate=float(round_config[LEARNING_RATE_KEY]),
-        seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), partition_id),
-    )
-    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_data)})
-    arrays = to_array_record(adapter_state(model), config.transfer.dtype)
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    with timer.phase("train"):
+        outcome = train_adapter(
+            model,
+            load_tokenizer(config.model),
+            train_data,
+            config.train,
+            learning_rate=float(round_config[LEARNING_RATE_KEY]),
+            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), partition_id),
+        )
+    with timer.phase("serialize"):
+        arrays = to_array_record(adapter_state(model), config.transfer.dtype)
+    metrics = MetricRecord({
+        "train_loss": outcome.loss,
+        "num-examples": len(train_data),
+        "train-tokens-per-s": outcome.tokens / max(timer.seconds["train"], 1e-9),
+        **timer.metrics(),
+        **peak_memory_metrics(),
+    })
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -70,7 +84,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, eval_data = load_client_data(config.dataset, partition_id, num_partitions)
     if eval_data is None or len(eval_data) == 0:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
-    model = _model_with_global_adapter(config, msg)
+    model = _model_with_global_adapter(config, msg, PhaseTimer())
     eval_loss = evaluate_loss(model, load_tokenizer(config.model), eval_data, config.train)
     metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": len(eval_data)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -54,6 +54,7 @@ class ModelSettings:
     quantization: int = MISSING
     gradient_checkpointing: bool = MISSING
     trust_remote_code: bool = MISSING
+    reuse_base: bool = MISSING
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -10,6 +10,7 @@ a strategy object.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from logging import WARNING
@@ -22,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flowertune_llm.adapters import from_array_record, record_bytes, to_array_record, to_float32
 from flowertune_llm.config import AppConfig
-from flowertune_llm.replies import check_evaluate_reply, check_train_reply, metric_keys
+from flowertune_llm.replies import NUM_EXAMPLES_KEY, check_evaluate_reply, check_train_reply, metric_keys
 
 LEARNING_RATE_KEY = "learning-rate"
 RUN_ROUND_KEY = "run-round"
@@ -105,11 +106,15 @@ class LoraRounds:
             log(WARNING, "Round %d: %d valid replies, fewer than strategy.min-train-replies=%d: "
                 "keeping the previous global adapter", run_round, len(valid), self.min_train_replies)
             return None, None
+        started = time.perf_counter()
         for reply in valid:
             reply.content["arrays"] = to_float32(reply.content["arrays"])
         arrays, metrics = super().aggregate_train(server_round, valid + failures)
-        if metrics is not None and "train_loss" in metrics:
-            stats["train_loss"] = float(metrics["train_loss"])
+        stats["time_aggregate_s"] = round(time.perf_counter() - started, 4)
+        if metrics is not None:
+            # train_loss, and the clients' timings and memory (means weighted by examples).
+            stats.update({key.replace("-", "_"): float(value) for key, value in metrics.items()
+                          if key != NUM_EXAMPLES_KEY})
         return arrays, metrics
 
     def configure_evaluate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -67,6 +68,8 @@ def sft_config(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Counted for the tokens/s figure in metrics.json; padding is not work done.
+        include_num_input_tokens_seen="non_padding",
     )
 
 
@@ -96,6 +99,14 @@ def _trainer(
     return trainer
 
 
+@dataclass
+class LocalTraining:
+    """Outcome of one client's local training: mean loss and the tokens it trained on."""
+
+    loss: float
+    tokens: int
+
+
 def train_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -103,13 +114,14 @@ def train_adapter(
     settings: TrainSettings,
     learning_rate: float,
     seed: int,
-) -> float:
-    """Train the model's LoRA weights for `settings.max_steps` steps; return the mean training loss."""
+) -> LocalTraining:
+    """Train the model's LoRA weights for `settings.max_steps` steps."""
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
             model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data
         )
-        return float(trainer.train().training_loss)
+        loss = float(trainer.train().training_loss)
+        return LocalTraining(loss=loss, tokens=int(trainer.state.num_input_tokens_seen))
 
 
 def evaluate_loss(

@@ -21,7 +21,7 @@ from flowertune_llm import client_app
 from flowertune_llm.adapters import from_array_record, to_array_record
 
 from conftest import default_run_config
-from simulation import simulate
+from flowertune_llm.simulation import simulate
 
 NODES = 6
 

@@ -17,7 +17,7 @@ from flowertune_llm.config import parse_config
 from flowertune_llm.model import build_adapter_skeleton, resolve_model_path
 
 from conftest import default_run_config
-from simulation import simulate
+from flowertune_llm.simulation import simulate
 
 
 def _sha256(path) -> str:

@@ -23,7 +23,7 @@ from flowertune_llm.results import RunRecorder
 from flowertune_llm.resume import ResumeError, find_resume_point
 
 from conftest import REPO_ROOT, default_run_config
-from simulation import simulate
+from flowertune_llm.simulation import simulate
 
 ROUNDS = 3
 # Resumed and uninterrupted runs compute the same thing in the same order; allow float noise.
@@ -48,8 +48,8 @@ def _kill_after_first_round(run_config: dict, folder: Path, tmp_path: Path) -> N
     config_file.write_text(json.dumps(run_config))
     with open(tmp_path / f"{folder.name}.log", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "tests" / "simulation.py"), str(config_file)],
-            cwd=REPO_ROOT / "tests", stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "flowertune_llm.simulation", str(config_file)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 300

@@ -1,8 +1,9 @@
-"""Run the real ServerApp and ClientApp in one simulation, with a given run config.
+"""Run the app's ServerApp and ClientApp in one Python process, with a given run config.
 
-`flwr.simulation.run_simulation` hands apps an empty run config; these wrappers give them the one
-`flwr run` would. Also runnable, so a test can run (and kill) a simulation in its own process:
-    python tests/simulation.py RUN_CONFIG_JSON [NUM_SUPERNODES]
+For benchmarks and tests; users run `flwr run .`. `flwr.simulation.run_simulation` hands apps an
+empty run config, so these wrappers give them the one `flwr run` would. Also runnable, so a test
+can run (and kill) a simulation in a process of its own:
+    python -m flowertune_llm.simulation RUN_CONFIG_JSON [NUM_SUPERNODES]
 """
 
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""The base model kept between rounds gives exactly the adapter a freshly built one gives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flowertune_llm import kept_model
+from flowertune_llm.adapters import adapter_state, load_adapter_state
+from flowertune_llm.data import load_client_data
+from flowertune_llm.model import build_adapter_skeleton, build_peft_model, load_tokenizer
+from flowertune_llm.training import train_adapter
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    kept_model._kept = None
+    yield
+    kept_model._kept = None
+
+
+def _train_round(model, config, global_adapter, seed):
+    load_adapter_state(model, global_adapter)
+    train_data, _ = load_client_data(config.dataset, 0, 2)
+    settings = dataclasses.replace(config.train, max_steps=3)
+    train_adapter(model, load_tokenizer(config.model), train_data, settings, learning_rate=1e-2, seed=seed)
+    return adapter_state(model)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kept_model_trains_a_round_exactly_like_a_fresh_one(config, bits):
+    config.model.quantization = bits
+    global_adapter = adapter_state(build_adapter_skeleton(config.model, seed=7))
+
+    kept = kept_model.peft_model(config.model, reuse=True)
+    first = _train_round(kept, config, global_adapter, seed=1)  # round 1 leaves the model trained
+    assert kept_model.peft_model(config.model, reuse=True) is kept
+    second = _train_round(kept, config, global_adapter, seed=2)
+
+    fresh = _train_round(build_peft_model(config.model), config, global_adapter, seed=2)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the seeds do matter
+    for name in fresh:
+        assert torch.equal(second[name], fresh[name]), name
+
+
+def test_no_reuse_or_other_settings_build_a_new_model(config):
+    kept = kept_model.peft_model(config.model, reuse=True)
+    assert kept_model.peft_model(config.model, reuse=False) is not kept
+    kept = kept_model.peft_model(config.model, reuse=True)
+    other = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, r=4))
+    assert kept_model.peft_model(other, reuse=True) is not kept
