@@ -55,6 +55,7 @@ class ModelSettings:
     gradient_checkpointing: bool = MISSING
     trust_remote_code: bool = MISSING
     reuse_base: bool = MISSING
+    quantized_cache_dir: str = MISSING
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from flowertune_llm.config import ModelSettings
+from flowertune_llm.quantized_cache import cache_entry, save_entry
 from flowertune_llm.tiny_model import BUILTIN_MODEL_NAME, ensure_tiny_llama
 
 # bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs.
@@ -113,15 +114,23 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
 def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
     """Load the frozen base model, quantized as configured and prepared for k-bit training."""
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    source = resolve_model_path(settings.name)
+    entry = cache_entry(settings, source)
+    cached = entry is not None and entry.is_dir()
+    # A cache entry is quantized already: its config.json carries the quantization (and passing
+    # quantization_config=None would override it).
+    quantization = {} if cached else {"quantization_config": quantization_config(settings)}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(settings.name),
-        quantization_config=quantization_config(settings),
+        str(entry) if cached else source,
+        **quantization,
         dtype=COMPUTE_DTYPE,
         device_map=device_map,
         # Weights from safetensors only: unpickling a .bin checkpoint can execute code.
         use_safetensors=True,
         trust_remote_code=settings.trust_remote_code,
     )
+    if entry is not None and not cached:
+        save_entry(model, entry)
     if settings.quantization in (4, 8):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
