@@ -26,8 +26,11 @@ from conftest import REPO_ROOT, default_run_config
 from flowertune_llm.simulation import simulate
 
 ROUNDS = 3
-# Resumed and uninterrupted runs compute the same thing in the same order; allow float noise.
-TOLERANCE = 1e-6
+# Resumed and uninterrupted runs compute the same thing, usually bit for bit. But CPU bf16 kernels
+# are not always reproducible across processes: two fresh runs on a loaded machine once differed by
+# 3e-5 (relative) in round 1's loss. One round of 3 steps with another round seed (what a resume
+# that restarted the seeds would do) moves the adapter by up to 3.3e-2, so 1e-3 tells them apart.
+TOLERANCE = 1e-3
 
 
 def _run_config(results: Path, name: str, **overrides) -> dict:
@@ -81,13 +84,13 @@ def test_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_run(tmp_path
     # The learning-rate schedule went on where it was.
     assert [r["learning_rate"] for r in resumed["rounds"]] == [r["learning_rate"] for r in whole["rounds"]]
     for mine, reference in zip(resumed["rounds"], whole["rounds"]):
-        assert mine["train_loss"] == pytest.approx(reference["train_loss"], abs=TOLERANCE)
+        assert mine["train_loss"] == pytest.approx(reference["train_loss"], rel=TOLERANCE)
 
     final = load_file(cut / "adapter-final" / "adapter_model.safetensors")
     expected = load_file(tmp_path / "whole" / "adapter-final" / "adapter_model.safetensors")
     assert final.keys() == expected.keys()
     worst = max((final[k].float() - expected[k].float()).abs().max().item() for k in final)
-    assert worst <= TOLERANCE
+    assert worst <= TOLERANCE, f"largest difference {worst:.3g}"
 
 
 def _finished_run(tmp_path: Path) -> Path:
