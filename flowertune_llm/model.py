@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
@@ -111,6 +112,21 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _keep_4bit_weights_trainable_on_cpu(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's Linear4bit in eval mode, given an input without
+    gradients (an evaluation pass), repacks its weights for an inference-only kernel and uses that
+    kernel for every later forward pass, training included. That kernel passes no gradient back
+    through the layer: after one evaluation, the LoRA gradients of the first layer were wrong
+    (relative error 1.0, measured on the tiny model). A base kept between rounds evaluates and
+    then trains again, so training models keep the training layout.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
     """Load the frozen base model, quantized as configured and prepared for k-bit training."""
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
@@ -131,6 +147,7 @@ def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
     )
     if entry is not None and not cached:
         save_entry(model, entry)
+    _keep_4bit_weights_trainable_on_cpu(model)
     if settings.quantization in (4, 8):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing

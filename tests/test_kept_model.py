@@ -11,7 +11,7 @@ from flowertune_llm import kept_model
 from flowertune_llm.adapters import adapter_state, load_adapter_state
 from flowertune_llm.data import load_client_data
 from flowertune_llm.model import build_adapter_skeleton, build_peft_model, load_tokenizer
-from flowertune_llm.training import train_adapter
+from flowertune_llm.training import evaluate_loss, train_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,8 @@ def test_kept_model_trains_a_round_exactly_like_a_fresh_one(config, bits):
 
     kept = kept_model.peft_model(config.model, reuse=True)
     first = _train_round(kept, config, global_adapter, seed=1)  # round 1 leaves the model trained
+    _, held_out = load_client_data(config.dataset, 0, 2)  # ... and evaluated, as in a real round
+    evaluate_loss(kept, load_tokenizer(config.model), held_out, config.train)
     assert kept_model.peft_model(config.model, reuse=True) is kept
     second = _train_round(kept, config, global_adapter, seed=2)
 
@@ -51,3 +53,27 @@ def test_no_reuse_or_other_settings_build_a_new_model(config):
     kept = kept_model.peft_model(config.model, reuse=True)
     other = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, r=4))
     assert kept_model.peft_model(other, reuse=True) is not kept
+
+
+def test_evaluating_does_not_change_how_a_4bit_model_trains(config):
+    config.model.lora.dropout = 0.0
+    tokens = torch.randint(3, 512, (2, 24))
+
+    def lora_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        model = build_peft_model(config.model)
+        torch.manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:  # non-zero B, so that A gets gradients too
+                parameter.data = torch.randn_like(parameter) * 0.05
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(tokens)
+        model.train()
+        model(tokens, labels=tokens).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+    plain, after_evaluation = lora_gradients(False), lora_gradients(True)
+    assert all(torch.count_nonzero(g) for g in plain.values())
+    for name in plain:
+        assert torch.equal(plain[name], after_evaluation[name]), name
