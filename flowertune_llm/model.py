@@ -82,14 +82,19 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
 
 def quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
     """Return the bitsandbytes config for 4-bit NF4 or 8-bit, or None for a bf16 base."""
-    if settings.quantization == 4:
+    return bits_config(settings.quantization)
+
+
+def bits_config(bits: int) -> BitsAndBytesConfig | None:
+    """Return the bitsandbytes config for `bits` = 4 (NF4), 8 (LLM.int8()) or 16 (None: no quantization)."""
+    if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=COMPUTE_DTYPE,
         )
-    if settings.quantization == 8:
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -152,13 +157,34 @@ def _keep_frozen_embeddings_in_compute_dtype(model: PreTrainedModel) -> None:
     embedding.register_forward_hook(lambda module, inputs, output: output.float())
 
 
+def default_device_map() -> dict[str, int | str]:
+    """Return the device map that puts a whole model on this process's GPU, or on the CPU."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def load_inference_base(
+    name: str, bits: int, dtype: torch.dtype = COMPUTE_DTYPE, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a base model for generation or merging: quantized to `bits` (16 = none), not prepared for training."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name),
+        quantization_config=bits_config(bits),
+        dtype=dtype,
+        device_map=default_device_map(),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.eval()
+    return model
+
+
 def load_quantized_base(settings: ModelSettings, upcast_embeddings: bool = False) -> PreTrainedModel:
     """Load the frozen base model, quantized as configured and prepared for k-bit training.
 
     `upcast_embeddings=True` keeps peft's fp32 embedding and LM head (the reference's memory use;
     the memory report measures the difference).
     """
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = default_device_map()
     source = resolve_model_path(settings.name)
     entry = cache_entry(settings, source)
     cached = entry is not None and entry.is_dir()
