@@ -8,8 +8,9 @@
 For each setting (a preset name, a preset file, `tiny` = the app's defaults, or the CPU-sized
 random models `cpu-mid` and `cpu-16x512` of BUILTIN_SETTINGS) it builds one client's training
 exactly as a client does (the same quantized loading, k-bit preparation, LoRA and trl SFT trainer)
-and runs `--steps` real optimizer steps; then it reports the peak memory of that process: peak GPU memory on an NVIDIA GPU, peak resident memory (RSS) on a CPU. Every
-measurement runs in a fresh process, so one never inherits another's peak.
+and runs `--steps` real optimizer steps; then it reports the peak memory of that process: peak
+GPU memory on an NVIDIA GPU, peak resident memory (RSS) on a CPU. Every measurement runs in a
+fresh process, so one never inherits another's peak.
 
 No weights are needed: for the reference models it builds a checkpoint of the exact architecture
 (the public config values of OpenLLaMA 3B v2 / 7B v2 and Llama-2-7B) with random weights, once,
