@@ -98,6 +98,7 @@ class LoraRounds:
             train_replies=len(replies) - len(failures),
             train_failures=len(failures),
             train_rejected=len(replies) - len(failures) - len(valid),
+            train_examples=sum(int(reply.content["metrics"][NUM_EXAMPLES_KEY]) for reply in valid),
             bytes_up=sum(record_bytes(r.content["arrays"]) for r in replies if not r.has_error()
                          and isinstance(r.content.get("arrays"), ArrayRecord)),
         )
