@@ -3,6 +3,7 @@
 This is the only module that reads `context.run_config`. Keys are kebab-case with dotted groups
 (`model.lora.r`, `train.seq-length`); their defaults live in pyproject.toml alone, and every key
 must be present, so a typo or a missing key stops the run here, before any model is loaded.
+It is also the only module that reads a node's `context.node_config` (which data the node trains on).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import difflib
 import math
 import re
 import typing
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -321,3 +323,65 @@ def _one_message(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)
+
+
+# --- Node config: which data this node trains on -------------------------------------------------
+# The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`; a real
+# SuperNode is a data owner and names its own file: `flower-supernode --node-config "data-path=..."`.
+
+DATA_PATH_KEY = "data-path"
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """This node's data: `data_path` (its own file, replacing dataset.name) or a slice of dataset.name."""
+
+    data_path: str = ""
+    partition_id: int = 0
+    num_partitions: int = 1
+
+    @property
+    def seed_offset(self) -> int:
+        """Return a per-node number for the local training seed, stable across runs."""
+        if self.data_path:
+            return zlib.crc32(self.data_path.encode()) % 1_000_003
+        return self.partition_id
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeData:
+    """Return which data this node trains on, from its node config, or raise `ConfigError`.
+
+    `data-path` gives the node its own local file or folder (deployment); `partition-id` and
+    `num-partitions` pick a slice of it, or of `dataset.name` when there is no `data-path` (simulation).
+    """
+    data_path = node_config.get(DATA_PATH_KEY, "")
+    if not isinstance(data_path, str):
+        raise ConfigError(f"node config: {DATA_PATH_KEY} must be a string (a file or folder path), got {data_path!r}")
+    has_partition = PARTITION_ID_KEY in node_config or NUM_PARTITIONS_KEY in node_config
+    if not data_path.strip() and not has_partition:
+        raise ConfigError(
+            f"node config: this SuperNode has no data. Give it its own file with "
+            f"`flower-supernode --node-config \"{DATA_PATH_KEY}='/path/to/train.jsonl'\"` (deployment), or "
+            f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (the simulation engine sets them); "
+            f"got {dict(node_config)}"
+        )
+    if not has_partition:
+        return NodeData(data_path=data_path.strip())
+    try:
+        partition_id = node_config[PARTITION_ID_KEY]
+        num_partitions = node_config[NUM_PARTITIONS_KEY]
+        if isinstance(partition_id, bool) or isinstance(num_partitions, bool):
+            raise TypeError
+        partition_id, num_partitions = int(partition_id), int(num_partitions)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"node config: '{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' must both be given, as integers, "
+            f"to pick this node's data partition; got {dict(node_config)}"
+        ) from error
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config: {PARTITION_ID_KEY} must be in [0, {NUM_PARTITIONS_KEY}={num_partitions}), got {partition_id}"
+        )
+    return NodeData(data_path=data_path.strip(), partition_id=partition_id, num_partitions=num_partitions)

@@ -1,12 +1,14 @@
 """Client data: load the instruction dataset, take this node's partition, split off validation.
 
-Flower Datasets partitions the dataset over the federation's nodes; each record becomes an Alpaca
+Flower Datasets partitions the dataset over the federation's nodes (in a deployment, each node's own
+file from its node config takes the place of `dataset.name`); each record becomes an Alpaca
 `prompt` and the `completion` to learn, the two columns trl's SFTTrainer uses to compute the loss
 on response tokens only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from flwr_datasets.partitioner import (
 )
 
 from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
-from flowertune_llm.config import DatasetSettings
+from flowertune_llm.config import DatasetSettings, NodeData
 from flowertune_llm.prompts import alpaca_prompt
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
@@ -144,17 +146,9 @@ def load_client_data(
     return split["train"], split["test"]
 
 
-def node_partition(node_config: dict) -> tuple[int, int]:
-    """Return (partition-id, num-partitions) from a node's config, as the simulation engine sets them."""
-    try:
-        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatasetSourceError(
-            "node config: 'partition-id' and 'num-partitions' are needed to pick this node's data "
-            f"partition; got {dict(node_config)}"
-        ) from error
-    if not 0 <= partition_id < num_partitions:
-        raise DatasetSourceError(
-            f"node config: partition-id must be in [0, num-partitions={num_partitions}), got {partition_id}"
-        )
-    return partition_id, num_partitions
+def load_node_data(settings: DatasetSettings, node: NodeData) -> tuple[Dataset, Dataset | None]:
+    """Return this node's (training, validation) data: its slice of its own file or of dataset.name."""
+    if node.data_path:
+        # Same loading, partitioning and held-out split as dataset.name, over the node's own data.
+        settings = dataclasses.replace(settings, name=node.data_path)
+    return load_client_data(settings, node.partition_id, node.num_partitions)
