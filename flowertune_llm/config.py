@@ -24,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 QUANTIZATION_BITS = (4, 8, 16)
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 PARTITIONERS = ("iid", "dirichlet", "linear", "square", "exponential")
+# The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
+BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -41,10 +43,12 @@ class LoraSettings:
     target_modules: str = MISSING
 
     @property
-    def target_module_list(self) -> str | list[str]:
-        """Return peft's `target_modules`: the `all-linear` shorthand or a list of names."""
+    def target_module_list(self) -> str | list[str] | None:
+        """Return peft's `target_modules`: `all-linear`, None (peft's per-architecture default) or names."""
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
+        if self.target_modules.strip() == "peft-default":
+            return None
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
 
@@ -71,6 +75,11 @@ class DatasetSettings:
     dirichlet_alpha: float = MISSING
     validation_fraction: float = MISSING
     seed: int = MISSING
+    # Which columns hold the instruction, its optional input and the response (other domains'
+    # datasets name them differently from Alpaca).
+    instruction_column: str = MISSING
+    input_column: str = MISSING
+    response_column: str = MISSING
 
 
 @dataclass
@@ -195,15 +204,18 @@ def _check_values(config: AppConfig) -> list[str]:
     train, strategy = config.train, config.strategy
     require(config.num_server_rounds >= 1, "num-server-rounds", config.num_server_rounds, ">= 1")
     require(bool(model.name.strip()), "model.name", model.name, "a hub id, a local folder or 'builtin:tiny-llama'")
+    if model.name.startswith("builtin:"):
+        require(model.name in BUILTIN_MODEL_NAMES, "model.name", model.name,
+                "a hub id, a local folder or one of " + ", ".join(BUILTIN_MODEL_NAMES))
     require(model.quantization in QUANTIZATION_BITS, "model.quantization", model.quantization,
             "4 or 8 (or 16 for an unquantized bf16 base)")
     require(lora.r >= 1, "model.lora.r", lora.r, ">= 1")
     require(finite(lora.alpha) and lora.alpha > 0, "model.lora.alpha", lora.alpha, "> 0")
     require(finite(lora.dropout) and 0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "in [0, 1)")
     names = lora.target_module_list
-    require(names == "all-linear" or (bool(names) and all(_MODULE_NAME.match(n) for n in names)),
+    require(names in ("all-linear", None) or (bool(names) and all(_MODULE_NAME.match(n) for n in names)),
             "model.lora.target-modules", lora.target_modules,
-            "'all-linear' or comma-separated module names such as 'q_proj,v_proj'")
+            "'all-linear', 'peft-default' or comma-separated module names such as 'q_proj,v_proj'")
     require(bool(data.name.strip()), "dataset.name", data.name,
             "a hub id, a local JSON/JSONL/CSV/Parquet file or folder, or 'builtin:tiny-instructions'")
     require(data.partitioner in PARTITIONERS, "dataset.partitioner", data.partitioner,
@@ -211,6 +223,12 @@ def _check_values(config: AppConfig) -> list[str]:
     if data.partitioner == "dirichlet":
         require(bool(data.partition_by.strip()), "dataset.partition-by", data.partition_by,
                 "a column name when dataset.partitioner is 'dirichlet'")
+    for key, value in (("dataset.instruction-column", data.instruction_column),
+                       ("dataset.input-column", data.input_column),
+                       ("dataset.response-column", data.response_column)):
+        require(value == value.strip(), key, value, "a column name without surrounding spaces")
+    require(bool(data.instruction_column), "dataset.instruction-column", data.instruction_column,
+            "a column name (the instruction of each record)")
     require(finite(data.dirichlet_alpha) and data.dirichlet_alpha > 0, "dataset.dirichlet-alpha",
             data.dirichlet_alpha, "> 0")
     require(finite(data.validation_fraction) and 0 <= data.validation_fraction <= 0.5,

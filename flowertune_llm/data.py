@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -111,20 +112,50 @@ def _federated_dataset(
     )
 
 
-def to_prompt_completion(records: Dataset) -> Dataset:
-    """Map Alpaca records (instruction, optional input, output or response) to prompt/completion."""
-    columns = set(records.column_names)
-    response = next((column for column in RESPONSE_COLUMNS if column in columns), None)
-    if "instruction" not in columns or response is None:
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which record columns hold the instruction, the optional input and the response."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    response: str = ""  # "" = `output`, else `response` (Alpaca's and Dolly-style names)
+
+    @classmethod
+    def from_settings(cls, settings: DatasetSettings) -> ColumnMapping:
+        """Return the mapping configured by `dataset.*-column`."""
+        return cls(settings.instruction_column, settings.input_column, settings.response_column)
+
+
+def _text(value: object) -> str:
+    """Return a cell as text: missing cells are empty, labels (numbers) become their digits."""
+    return "" if value is None else str(value)
+
+
+def to_prompt_completion(records: Dataset, columns: ColumnMapping = ColumnMapping()) -> Dataset:
+    """Map instruction records to Alpaca prompt/completion pairs, reading the mapped columns."""
+    present = set(records.column_names)
+    response = columns.response or next((name for name in RESPONSE_COLUMNS if name in present), "output")
+    # The default `input` column may be absent (instruction-only data); a configured one may not.
+    input_column = columns.input if columns.input in present or columns.input != "input" else ""
+    wanted = {
+        "dataset.instruction-column": columns.instruction,
+        "dataset.input-column": input_column,
+        "dataset.response-column": response,
+    }
+    missing = {key: name for key, name in wanted.items() if name and name not in present}
+    if missing:
         raise DatasetSourceError(
-            "dataset: records need an 'instruction' column and an 'output' (or 'response') column; "
-            f"found {sorted(columns)}"
+            "dataset: the records have no column "
+            + ", ".join(f"'{name}' ({key})" for key, name in missing.items())
+            + f"; their columns are {sorted(present)}. Map them with dataset.instruction-column, "
+            "dataset.input-column and dataset.response-column."
         )
 
     def convert(record: dict) -> dict:
+        context = _text(record[input_column]) if input_column else ""
         return {
-            "prompt": alpaca_prompt(record["instruction"], record.get("input") or ""),
-            "completion": record[response],
+            "prompt": alpaca_prompt(_text(record[columns.instruction]), context),
+            "completion": _text(record[response]),
         }
 
     return records.map(convert, remove_columns=records.column_names)
@@ -138,7 +169,9 @@ def load_client_data(
         settings.name, settings.partitioner, settings.partition_by,
         settings.dirichlet_alpha, settings.seed, num_partitions,
     )
-    partition = to_prompt_completion(federated.load_partition(partition_id, "train"))
+    partition = to_prompt_completion(
+        federated.load_partition(partition_id, "train"), ColumnMapping.from_settings(settings)
+    )
     if settings.validation_fraction <= 0:
         return partition, None
     # A fixed seed keeps the held-out share identical in every round and every run.
