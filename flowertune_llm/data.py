@@ -17,6 +17,7 @@ from flwr_datasets.partitioner import (
     ExponentialPartitioner,
     IidPartitioner,
     LinearPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     SquarePartitioner,
 )
@@ -83,6 +84,9 @@ def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitio
             alpha=settings.dirichlet_alpha,
             seed=settings.seed,
         )
+    if settings.partitioner == "natural-id":
+        # One partition per distinct value of the column: the number of nodes must match it.
+        return NaturalIdPartitioner(partition_by=settings.partition_by)
     size_skewed = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
     if settings.partitioner in size_skewed:
         return size_skewed[settings.partitioner](num_partitions=num_partitions)
@@ -136,12 +140,26 @@ def load_client_data(
         settings.name, settings.partitioner, settings.partition_by,
         settings.dirichlet_alpha, settings.seed, num_partitions,
     )
+    if settings.partitioner == "natural-id":
+        check_natural_id_count(federated, settings.partition_by, num_partitions)
     partition = to_prompt_completion(federated.load_partition(partition_id, "train"))
     if settings.validation_fraction <= 0:
         return partition, None
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
+
+
+def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:
+    """Fail with advice unless the federation has one node per distinct value of `column`."""
+    federated.load_partition(0, "train")  # makes the partitioner read the ids
+    num_ids = federated.partitioners["train"].num_partitions
+    if num_ids != num_partitions:
+        raise DatasetSourceError(
+            f"dataset.partitioner='natural-id' gives one partition per distinct '{column}' value: "
+            f"{num_ids} here, but the federation has {num_partitions} nodes. Run it with "
+            f'--federation-config "num-supernodes={num_ids}", or use dataset.partitioner=\'dirichlet\''
+        )
 
 
 def node_partition(node_config: dict) -> tuple[int, int]:
