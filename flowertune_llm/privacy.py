@@ -13,10 +13,14 @@ calibrated to a plain mean), and `strategy.min-train-nodes` is the number of cli
 With fixed clipping, a positive noise multiplier and Flower's accountant installed
 (`pip install "flwr[dp]"`), the epsilon spent so far (at `privacy.target-delta`) goes into each
 round's record, with no amplification by sampling assumed (every round releases a Gaussian mean).
+
+Flower 1.42's adaptive wrappers move the bound the wrong way and noise with the moved bound; the
+adaptive classes here correct both (`AdaptivePrivateRounds`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -54,12 +58,42 @@ class PrivateRounds(LoraRounds):
         stats = self.round_stats[self.run_round(server_round)]
         stats["dp_clipping_norm"] = float(clipping_norm)
         if arrays is not None:
-            # The wrappers noise the mean with the bound as it stands after their update.
+            # The noise the wrapper added to the mean (adaptive: with this round's bound, see below).
             stats["dp_noise_stddev"] = compute_stdv(self.noise_multiplier, self.clipping_norm,
                                                     self.num_sampled_clients)
         spent = self.privacy_spent() if hasattr(self, "privacy_spent") else None
         if spent is not None:
             stats.update(privacy_epsilon=float(spent.epsilon), privacy_delta=float(spent.delta))
+        return arrays, metrics
+
+
+class AdaptivePrivateRounds(PrivateRounds):
+    """Private rounds with an adaptive bound, as in Andrew et al. 2021 (arxiv.org/abs/1905.03871).
+
+    Two corrections to Flower 1.42's adaptive wrappers, which count *clipped* updates but use the
+    paper's update for the fraction of *unclipped* ones:
+    - direction: the bound must grow when more than `target_clipped_quantile` of the updates were
+      clipped, C <- C·exp(lr·(clipped fraction − target)); Flower's sign shrinks it instead, so a
+      bound below most update norms collapses towards zero, and one above them grows without limit;
+    - order: the round's noise must be calibrated to the bound the updates were clipped with;
+      Flower moves the bound first and then noises with the new one (too little noise when it shrinks).
+    The new bound takes effect after this round's noise, for the next round.
+    """
+
+    _next_clipping_norm: float | None = None
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self._next_clipping_norm = self.clipping_norm * math.exp(
+            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile)
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate and noise with this round's bound; then move the bound for the next round."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self._next_clipping_norm is not None:
+            self.clipping_norm, self._next_clipping_norm = self._next_clipping_norm, None
         return arrays, metrics
 
 
@@ -71,11 +105,11 @@ class LoraDPClientSideFixedClipping(PrivateRounds, DifferentialPrivacyClientSide
     """Clients clip their update to a fixed bound (`fixedclipping_mod`); the server noises the mean."""
 
 
-class LoraDPServerSideAdaptiveClipping(PrivateRounds, DifferentialPrivacyServerSideAdaptiveClipping):
+class LoraDPServerSideAdaptiveClipping(AdaptivePrivateRounds, DifferentialPrivacyServerSideAdaptiveClipping):
     """Server clips each decoded update to an adaptive bound and noises the mean."""
 
 
-class LoraDPClientSideAdaptiveClipping(PrivateRounds, DifferentialPrivacyClientSideAdaptiveClipping):
+class LoraDPClientSideAdaptiveClipping(AdaptivePrivateRounds, DifferentialPrivacyClientSideAdaptiveClipping):
     """Clients clip their update to an adaptive bound (`adaptiveclipping_mod`); the server noises the mean."""
 
 

@@ -123,6 +123,9 @@ class LoraRounds:
             if self.uniform_weights:
                 reply.content["metrics"][NUM_EXAMPLES_KEY] = 1
         arrays, metrics = super().aggregate_train(server_round, valid + failures)
+        if arrays is not None:
+            # FedAdam's numpy scalars make float64 arrays; the global adapter stays float32.
+            arrays = to_float32(arrays)
         stats["time_aggregate_s"] = round(time.perf_counter() - started, 4)
         if metrics is not None:
             # train_loss, and the clients' timings and memory (means weighted by examples).
