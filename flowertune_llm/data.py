@@ -20,6 +20,7 @@ from flwr_datasets.partitioner import (
     ExponentialPartitioner,
     IidPartitioner,
     LinearPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     SquarePartitioner,
 )
@@ -86,6 +87,9 @@ def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitio
             alpha=settings.dirichlet_alpha,
             seed=settings.seed,
         )
+    if settings.partitioner == "natural-id":
+        # One partition per distinct value of the column: the number of nodes must match it.
+        return NaturalIdPartitioner(partition_by=settings.partition_by)
     size_skewed = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
     if settings.partitioner in size_skewed:
         return size_skewed[settings.partitioner](num_partitions=num_partitions)
@@ -169,6 +173,8 @@ def load_client_data(
         settings.name, settings.partitioner, settings.partition_by,
         settings.dirichlet_alpha, settings.seed, num_partitions,
     )
+    if settings.partitioner == "natural-id":
+        check_natural_id_count(federated, settings.partition_by, num_partitions)
     partition = to_prompt_completion(
         federated.load_partition(partition_id, "train"), ColumnMapping.from_settings(settings)
     )
@@ -185,3 +191,15 @@ def load_node_data(settings: DatasetSettings, node: NodeData) -> tuple[Dataset, 
         # Same loading, partitioning and held-out split as dataset.name, over the node's own data.
         settings = dataclasses.replace(settings, name=node.data_path)
     return load_client_data(settings, node.partition_id, node.num_partitions)
+
+
+def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:
+    """Fail with advice unless the federation has one node per distinct value of `column`."""
+    federated.load_partition(0, "train")  # makes the partitioner read the ids
+    num_ids = federated.partitioners["train"].num_partitions
+    if num_ids != num_partitions:
+        raise DatasetSourceError(
+            f"dataset.partitioner='natural-id' gives one partition per distinct '{column}' value: "
+            f"{num_ids} here, but the federation has {num_partitions} nodes. Run it with "
+            f'--federation-config "num-supernodes={num_ids}", or use dataset.partitioner=\'dirichlet\''
+        )
