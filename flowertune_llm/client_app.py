@@ -1,10 +1,11 @@
 """ClientApp: train the received global LoRA adapter on this node's data, or evaluate it.
 
 Each message: build the quantized PEFT model (or reuse the one kept from the previous round),
-load the global adapter, run trl's SFT trainer on the local partition for `train.max-steps`
-steps (with FedProx's proximal term when the server sends `proximal-mu`), reply with the new
-adapter, the loss and the round's timings. With client-side differential privacy, Flower's clipping
-mod clips the update on its way out (`privacy.clipping_mod`).
+load the global adapter, run trl's SFT trainer on this node's data (its partition in simulation,
+its own `data-path` file in a deployment) for `train.max-steps` steps (with FedProx's proximal
+term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
+timings. With client-side differential privacy, Flower's clipping mod clips the update on its way
+out (`privacy.clipping_mod`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
-from flowertune_llm.config import AppConfig, parse_config
-from flowertune_llm.data import load_client_data, node_partition
+from flowertune_llm.config import AppConfig, parse_config, parse_node_config
+from flowertune_llm.data import load_node_data
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
+from flowertune_llm.preflight import check_node_data
 from flowertune_llm.privacy import clipping_mod
 from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
 from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics
@@ -56,9 +58,10 @@ def train(msg: Message, context: Context) -> Message:
     _quiet_progress_bars()
     timer = PhaseTimer()
     config = parse_config(context.run_config)
-    partition_id, num_partitions = node_partition(context.node_config)
+    node = parse_node_config(context.node_config)
     with timer.phase("data"):
-        train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
+        check_node_data(node)
+        train_data, _ = load_node_data(config.dataset, node)
     model = _model_with_global_adapter(config, msg, timer)
     round_config = msg.content["config"]
     with timer.phase("train"):
@@ -68,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
             train_data,
             config.train,
             learning_rate=float(round_config[LEARNING_RATE_KEY]),
-            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), partition_id),
+            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), node.seed_offset),
             proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
         )
     with timer.phase("serialize"):
@@ -88,8 +91,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss on this node's held-out share."""
     _quiet_progress_bars()
     config = parse_config(context.run_config)
-    partition_id, num_partitions = node_partition(context.node_config)
-    _, eval_data = load_client_data(config.dataset, partition_id, num_partitions)
+    node = parse_node_config(context.node_config)
+    check_node_data(node)
+    _, eval_data = load_node_data(config.dataset, node)
     if eval_data is None or len(eval_data) == 0:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
     model = _model_with_global_adapter(config, msg, PhaseTimer())

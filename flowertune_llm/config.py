@@ -3,6 +3,7 @@
 This is the only module that reads `context.run_config`. Keys are kebab-case with dotted groups
 (`model.lora.r`, `train.seq-length`); their defaults live in pyproject.toml alone, and every key
 must be present, so a typo or a missing key stops the run here, before any model is loaded.
+It is also the only module that reads a node's `context.node_config` (which data the node trains on).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import difflib
 import math
 import re
 import typing
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "feda
 # Strategies whose server keeps state across rounds that a checkpoint does not hold.
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
+BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -46,10 +50,12 @@ class LoraSettings:
     target_modules: str = MISSING
 
     @property
-    def target_module_list(self) -> str | list[str]:
-        """Return peft's `target_modules`: the `all-linear` shorthand or a list of names."""
+    def target_module_list(self) -> str | list[str] | None:
+        """Return peft's `target_modules`: `all-linear`, None (peft's per-architecture default) or names."""
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
+        if self.target_modules.strip() == "peft-default":
+            return None
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
 
@@ -76,6 +82,11 @@ class DatasetSettings:
     dirichlet_alpha: float = MISSING
     validation_fraction: float = MISSING
     seed: int = MISSING
+    # Which columns hold the instruction, its optional input and the response (other domains'
+    # datasets name them differently from Alpaca).
+    instruction_column: str = MISSING
+    input_column: str = MISSING
+    response_column: str = MISSING
 
 
 @dataclass
@@ -237,15 +248,18 @@ def _check_values(config: AppConfig) -> list[str]:
     train, strategy = config.train, config.strategy
     require(config.num_server_rounds >= 1, "num-server-rounds", config.num_server_rounds, ">= 1")
     require(bool(model.name.strip()), "model.name", model.name, "a hub id, a local folder or 'builtin:tiny-llama'")
+    if model.name.startswith("builtin:"):
+        require(model.name in BUILTIN_MODEL_NAMES, "model.name", model.name,
+                "a hub id, a local folder or one of " + ", ".join(BUILTIN_MODEL_NAMES))
     require(model.quantization in QUANTIZATION_BITS, "model.quantization", model.quantization,
             "4 or 8 (or 16 for an unquantized bf16 base)")
     require(lora.r >= 1, "model.lora.r", lora.r, ">= 1")
     require(finite(lora.alpha) and lora.alpha > 0, "model.lora.alpha", lora.alpha, "> 0")
     require(finite(lora.dropout) and 0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "in [0, 1)")
     names = lora.target_module_list
-    require(names == "all-linear" or (bool(names) and all(_MODULE_NAME.match(n) for n in names)),
+    require(names in ("all-linear", None) or (bool(names) and all(_MODULE_NAME.match(n) for n in names)),
             "model.lora.target-modules", lora.target_modules,
-            "'all-linear' or comma-separated module names such as 'q_proj,v_proj'")
+            "'all-linear', 'peft-default' or comma-separated module names such as 'q_proj,v_proj'")
     require(bool(data.name.strip()), "dataset.name", data.name,
             "a hub id, a local JSON/JSONL/CSV/Parquet file or folder, or 'builtin:tiny-instructions'")
     require(data.partitioner in PARTITIONERS, "dataset.partitioner", data.partitioner,
@@ -253,6 +267,12 @@ def _check_values(config: AppConfig) -> list[str]:
     if data.partitioner in PARTITIONERS_BY_COLUMN:
         require(bool(data.partition_by.strip()), "dataset.partition-by", data.partition_by,
                 f"a column name when dataset.partitioner is '{data.partitioner}'")
+    for key, value in (("dataset.instruction-column", data.instruction_column),
+                       ("dataset.input-column", data.input_column),
+                       ("dataset.response-column", data.response_column)):
+        require(value == value.strip(), key, value, "a column name without surrounding spaces")
+    require(bool(data.instruction_column), "dataset.instruction-column", data.instruction_column,
+            "a column name (the instruction of each record)")
     require(finite(data.dirichlet_alpha) and data.dirichlet_alpha > 0, "dataset.dirichlet-alpha",
             data.dirichlet_alpha, "> 0")
     require(finite(data.validation_fraction) and 0 <= data.validation_fraction <= 0.5,
@@ -447,3 +467,65 @@ def _one_message(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)
+
+
+# --- Node config: which data this node trains on -------------------------------------------------
+# The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`; a real
+# SuperNode is a data owner and names its own file: `flower-supernode --node-config "data-path=..."`.
+
+DATA_PATH_KEY = "data-path"
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """This node's data: `data_path` (its own file, replacing dataset.name) or a slice of dataset.name."""
+
+    data_path: str = ""
+    partition_id: int = 0
+    num_partitions: int = 1
+
+    @property
+    def seed_offset(self) -> int:
+        """Return a per-node number for the local training seed, stable across runs."""
+        if self.data_path:
+            return zlib.crc32(self.data_path.encode()) % 1_000_003
+        return self.partition_id
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeData:
+    """Return which data this node trains on, from its node config, or raise `ConfigError`.
+
+    `data-path` gives the node its own local file or folder (deployment); `partition-id` and
+    `num-partitions` pick a slice of it, or of `dataset.name` when there is no `data-path` (simulation).
+    """
+    data_path = node_config.get(DATA_PATH_KEY, "")
+    if not isinstance(data_path, str):
+        raise ConfigError(f"node config: {DATA_PATH_KEY} must be a string (a file or folder path), got {data_path!r}")
+    has_partition = PARTITION_ID_KEY in node_config or NUM_PARTITIONS_KEY in node_config
+    if not data_path.strip() and not has_partition:
+        raise ConfigError(
+            f"node config: this SuperNode has no data. Give it its own file with "
+            f"`flower-supernode --node-config \"{DATA_PATH_KEY}='/path/to/train.jsonl'\"` (deployment), or "
+            f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (the simulation engine sets them); "
+            f"got {dict(node_config)}"
+        )
+    if not has_partition:
+        return NodeData(data_path=data_path.strip())
+    try:
+        partition_id = node_config[PARTITION_ID_KEY]
+        num_partitions = node_config[NUM_PARTITIONS_KEY]
+        if isinstance(partition_id, bool) or isinstance(num_partitions, bool):
+            raise TypeError
+        partition_id, num_partitions = int(partition_id), int(num_partitions)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"node config: '{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' must both be given, as integers, "
+            f"to pick this node's data partition; got {dict(node_config)}"
+        ) from error
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config: {PARTITION_ID_KEY} must be in [0, {NUM_PARTITIONS_KEY}={num_partitions}), got {partition_id}"
+        )
+    return NodeData(data_path=data_path.strip(), partition_id=partition_id, num_partitions=num_partitions)

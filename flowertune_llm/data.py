@@ -1,13 +1,16 @@
 """Client data: load the instruction dataset, take this node's partition, split off validation.
 
-Flower Datasets partitions the dataset over the federation's nodes; each record becomes an Alpaca
+Flower Datasets partitions the dataset over the federation's nodes (in a deployment, each node's own
+file from its node config takes the place of `dataset.name`); each record becomes an Alpaca
 `prompt` and the `completion` to learn, the two columns trl's SFTTrainer uses to compute the loss
 on response tokens only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -23,7 +26,7 @@ from flwr_datasets.partitioner import (
 )
 
 from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
-from flowertune_llm.config import DatasetSettings
+from flowertune_llm.config import DatasetSettings, NodeData
 from flowertune_llm.prompts import alpaca_prompt
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
@@ -113,20 +116,50 @@ def _federated_dataset(
     )
 
 
-def to_prompt_completion(records: Dataset) -> Dataset:
-    """Map Alpaca records (instruction, optional input, output or response) to prompt/completion."""
-    columns = set(records.column_names)
-    response = next((column for column in RESPONSE_COLUMNS if column in columns), None)
-    if "instruction" not in columns or response is None:
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which record columns hold the instruction, the optional input and the response."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    response: str = ""  # "" = `output`, else `response` (Alpaca's and Dolly-style names)
+
+    @classmethod
+    def from_settings(cls, settings: DatasetSettings) -> ColumnMapping:
+        """Return the mapping configured by `dataset.*-column`."""
+        return cls(settings.instruction_column, settings.input_column, settings.response_column)
+
+
+def _text(value: object) -> str:
+    """Return a cell as text: missing cells are empty, labels (numbers) become their digits."""
+    return "" if value is None else str(value)
+
+
+def to_prompt_completion(records: Dataset, columns: ColumnMapping = ColumnMapping()) -> Dataset:
+    """Map instruction records to Alpaca prompt/completion pairs, reading the mapped columns."""
+    present = set(records.column_names)
+    response = columns.response or next((name for name in RESPONSE_COLUMNS if name in present), "output")
+    # The default `input` column may be absent (instruction-only data); a configured one may not.
+    input_column = columns.input if columns.input in present or columns.input != "input" else ""
+    wanted = {
+        "dataset.instruction-column": columns.instruction,
+        "dataset.input-column": input_column,
+        "dataset.response-column": response,
+    }
+    missing = {key: name for key, name in wanted.items() if name and name not in present}
+    if missing:
         raise DatasetSourceError(
-            "dataset: records need an 'instruction' column and an 'output' (or 'response') column; "
-            f"found {sorted(columns)}"
+            "dataset: the records have no column "
+            + ", ".join(f"'{name}' ({key})" for key, name in missing.items())
+            + f"; their columns are {sorted(present)}. Map them with dataset.instruction-column, "
+            "dataset.input-column and dataset.response-column."
         )
 
     def convert(record: dict) -> dict:
+        context = _text(record[input_column]) if input_column else ""
         return {
-            "prompt": alpaca_prompt(record["instruction"], record.get("input") or ""),
-            "completion": record[response],
+            "prompt": alpaca_prompt(_text(record[columns.instruction]), context),
+            "completion": _text(record[response]),
         }
 
     return records.map(convert, remove_columns=records.column_names)
@@ -142,12 +175,22 @@ def load_client_data(
     )
     if settings.partitioner == "natural-id":
         check_natural_id_count(federated, settings.partition_by, num_partitions)
-    partition = to_prompt_completion(federated.load_partition(partition_id, "train"))
+    partition = to_prompt_completion(
+        federated.load_partition(partition_id, "train"), ColumnMapping.from_settings(settings)
+    )
     if settings.validation_fraction <= 0:
         return partition, None
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
+
+
+def load_node_data(settings: DatasetSettings, node: NodeData) -> tuple[Dataset, Dataset | None]:
+    """Return this node's (training, validation) data: its slice of its own file or of dataset.name."""
+    if node.data_path:
+        # Same loading, partitioning and held-out split as dataset.name, over the node's own data.
+        settings = dataclasses.replace(settings, name=node.data_path)
+    return load_client_data(settings, node.partition_id, node.num_partitions)
 
 
 def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:
@@ -160,19 +203,3 @@ def check_natural_id_count(federated: FederatedDataset, column: str, num_partiti
             f"{num_ids} here, but the federation has {num_partitions} nodes. Run it with "
             f'--federation-config "num-supernodes={num_ids}", or use dataset.partitioner=\'dirichlet\''
         )
-
-
-def node_partition(node_config: dict) -> tuple[int, int]:
-    """Return (partition-id, num-partitions) from a node's config, as the simulation engine sets them."""
-    try:
-        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatasetSourceError(
-            "node config: 'partition-id' and 'num-partitions' are needed to pick this node's data "
-            f"partition; got {dict(node_config)}"
-        ) from error
-    if not 0 <= partition_id < num_partitions:
-        raise DatasetSourceError(
-            f"node config: partition-id must be in [0, num-partitions={num_partitions}), got {partition_id}"
-        )
-    return partition_id, num_partitions

@@ -1,4 +1,4 @@
-"""Start-up checks of the training data, run by the server before the first round.
+"""Start-up checks of the training data: by the server before the first round, by a node on its own file.
 
 A bad data file would otherwise surface as an obscure error inside every client in round 1 (an
 empty JSONL file raises a bare StopIteration in `datasets`), or not at all: non-UTF-8 bytes are
@@ -14,8 +14,8 @@ from datasets import Dataset, load_dataset
 from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
-from flowertune_llm.config import AppConfig
-from flowertune_llm.data import DatasetSourceError, dataset_source, to_prompt_completion
+from flowertune_llm.config import DATA_PATH_KEY, AppConfig, NodeData
+from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
 
 TEXT_FORMATS = ("json", "csv")
 
@@ -51,12 +51,22 @@ def read_local_records(name: str, key: str = "dataset.name") -> Dataset | None:
     return records
 
 
+def check_node_data(node: NodeData) -> None:
+    """Fail with one clear message if this node's own data (node config `data-path`) cannot be read."""
+    if not node.data_path:
+        return
+    key = f"node config {DATA_PATH_KEY}"
+    if not Path(node.data_path).expanduser().exists():
+        raise DatasetSourceError(f"{key}: no such file or folder '{node.data_path}' on this SuperNode")
+    read_local_records(node.data_path, key=key)
+
+
 def check_training_data(config: AppConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Fail with one clear message if the local training data cannot be trained on as configured."""
     records = read_local_records(config.dataset.name)
     if records is None:
         return
-    examples = to_prompt_completion(records)
+    examples = to_prompt_completion(records, ColumnMapping.from_settings(config.dataset))
     limit = config.train.seq_length
     prompt_lengths = [len(ids) for ids in tokenizer(list(examples["prompt"]))["input_ids"]]
     too_long = [index for index, length in enumerate(prompt_lengths) if length >= limit]

@@ -101,6 +101,7 @@ class LoraRounds:
         replies = list(replies)
         stats = self.round_stats[run_round]
         failures = [reply for reply in replies if reply.has_error()]
+        self._log_lost_replies(run_round, "train", stats.get("train_sampled", 0), replies)
         valid = self._valid_replies(
             run_round, "train", [r for r in replies if not r.has_error()],
             lambda reply: check_train_reply(reply, self._sent, self.transfer_dtype),
@@ -109,6 +110,7 @@ class LoraRounds:
             train_replies=len(replies) - len(failures),
             train_failures=len(failures),
             train_rejected=len(replies) - len(failures) - len(valid),
+            train_examples=sum(int(reply.content["metrics"][NUM_EXAMPLES_KEY]) for reply in valid),
             bytes_up=sum(record_bytes(r.content["arrays"]) for r in replies if not r.has_error()
                          and isinstance(r.content.get("arrays"), ArrayRecord)),
         )
@@ -150,6 +152,7 @@ class LoraRounds:
         run_round = self.run_round(server_round)
         replies = list(replies)
         failures = [reply for reply in replies if reply.has_error()]
+        self._log_lost_replies(run_round, "evaluate", self.round_stats[run_round].get("eval_sampled", 0), replies)
         valid = self._valid_replies(
             run_round, "evaluate", [r for r in replies if not r.has_error()], check_evaluate_reply
         )
@@ -165,6 +168,17 @@ class LoraRounds:
         if metrics is not None and "eval_loss" in metrics:
             stats["eval_loss"] = float(metrics["eval_loss"])
         return metrics
+
+    def _log_lost_replies(self, run_round: int, kind: str, sampled: int, replies: list[Message]) -> None:
+        """Say which sampled nodes did not deliver: an error reply (with Flower's reason) or none at all."""
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "Round %d: %s failed on node %d: %s", run_round, kind,
+                    reply.metadata.src_node_id, reply.error.reason)
+        if sampled > len(replies):
+            log(WARNING, "Round %d: %d of %d sampled nodes sent no %s reply within strategy.round-timeout "
+                "(node stopped, disconnected or too slow); the round goes on without them",
+                run_round, sampled - len(replies), sampled, kind)
 
     def _valid_replies(
         self, run_round: int, kind: str, replies: list[Message], check: Callable[[Message], str | None]

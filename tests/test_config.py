@@ -53,7 +53,7 @@ BAD_VALUES = [
     ("model.lora.r", True, "model.lora.r must be an integer, got True"),
     ("model.lora.alpha", -1.0, "model.lora.alpha must be > 0, got -1.0"),
     ("model.lora.dropout", 1.0, "model.lora.dropout must be in [0, 1), got 1.0"),
-    ("model.lora.target-modules", "", "model.lora.target-modules must be 'all-linear' or comma-separated"),
+    ("model.lora.target-modules", "", "model.lora.target-modules must be 'all-linear', 'peft-default' or comma-separated"),
     ("model.lora.target-modules", "q_proj;v_proj", "model.lora.target-modules must be 'all-linear'"),
     ("model.name", " ", "model.name must be a hub id, a local folder or 'builtin:tiny-llama'"),
     ("dataset.name", "", "dataset.name must be a hub id"),

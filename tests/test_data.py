@@ -19,7 +19,7 @@ from flowertune_llm.data import (
     DatasetSourceError,
     dataset_source,
     load_client_data,
-    node_partition,
+    load_node_data,
     to_prompt_completion,
 )
 from flowertune_llm.model import build_peft_model, load_tokenizer
@@ -28,7 +28,8 @@ from flowertune_llm.server_eval import load_heldout_data
 from flowertune_llm.training import _trainer
 
 from conftest import default_run_config
-from flowertune_llm.config import parse_config
+from flowertune_llm.config import ConfigError, NodeData, parse_config, parse_node_config
+from flowertune_llm.preflight import check_node_data
 
 
 def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):
@@ -66,7 +67,7 @@ def test_records_with_response_column_become_prompt_completion():
 
 
 def test_records_without_output_column_are_refused():
-    with pytest.raises(DatasetSourceError, match="'instruction' column and an 'output'.*found \\['answer', 'instruction'\\]"):
+    with pytest.raises(DatasetSourceError, match="no column 'output' \\(dataset.response-column\\); their columns are \\['answer', 'instruction'\\]"):
         to_prompt_completion(Dataset.from_list([{"instruction": "x", "answer": "y"}]))
 
 
@@ -114,12 +115,42 @@ def test_local_jsonl_file_works_as_dataset(tmp_path):
     assert len(train) + len(val) == 20
 
 
-def test_node_partition_needs_simulation_keys():
-    assert node_partition({"partition-id": 1, "num-partitions": 4}) == (1, 4)
-    with pytest.raises(DatasetSourceError, match="'partition-id' and 'num-partitions'"):
-        node_partition({})
-    with pytest.raises(DatasetSourceError, match="partition-id must be in"):
-        node_partition({"partition-id": 4, "num-partitions": 4})
+def test_node_config_gives_a_partition_or_the_nodes_own_file():
+    assert parse_node_config({"partition-id": 1, "num-partitions": 4}) == NodeData("", 1, 4)
+    assert parse_node_config({"data-path": "/data/mine.jsonl"}) == NodeData("/data/mine.jsonl", 0, 1)
+    assert parse_node_config({"data-path": "/d.jsonl", "partition-id": 1, "num-partitions": 2}) == NodeData("/d.jsonl", 1, 2)
+    with pytest.raises(ConfigError, match="this SuperNode has no data.*data-path="):
+        parse_node_config({})
+    with pytest.raises(ConfigError, match="partition-id must be in"):
+        parse_node_config({"partition-id": 4, "num-partitions": 4})
+    with pytest.raises(ConfigError, match="must both be given"):
+        parse_node_config({"data-path": "/d.jsonl", "partition-id": 1})
+    with pytest.raises(ConfigError, match="data-path must be a string"):
+        parse_node_config({"data-path": 3})
+
+
+def test_node_trains_on_its_own_file_not_on_dataset_name(tmp_path, config):
+    path = tmp_path / "node.jsonl"
+    write_jsonl(generate_examples(50, seed=7), path)
+    node = parse_node_config({"data-path": str(path)})
+    check_node_data(node)
+    train, val = load_node_data(config.dataset, node)
+    assert (len(train), len(val)) == (45, 5)
+    own = {(r["instruction"], r["input"], r["output"]) for r in generate_examples(50, seed=7)}
+    assert {(p, c) for p, c in zip(train["prompt"], train["completion"])} <= {
+        (alpaca_prompt(i, x), o) for i, x, o in own
+    }
+    # Same partitioning and held-out split as dataset.name: a simulation node is unchanged.
+    simulated = load_node_data(config.dataset, parse_node_config({"partition-id": 0, "num-partitions": 3}))
+    assert simulated[0]["prompt"] == load_client_data(config.dataset, 0, 3)[0]["prompt"]
+
+
+def test_unreadable_node_data_file_is_named(tmp_path):
+    with pytest.raises(DatasetSourceError, match="node config data-path: no such file"):
+        check_node_data(NodeData(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetSourceError, match="node config data-path: .* is empty"):
+        check_node_data(NodeData(str(tmp_path / "empty.jsonl")))
 
 
 def test_labels_mask_the_prompt_and_keep_the_response(config, tmp_path):
