@@ -15,7 +15,7 @@ from flowertune_llm.data import DatasetSourceError, load_client_data, make_parti
 
 from conftest import REPO_ROOT, default_run_config
 
-PRESET = REPO_ROOT / "presets" / "noniid-dirichlet.toml"
+PRESET = REPO_ROOT / "presets" / "tiny-noniid-dirichlet.toml"
 CATEGORIES = 9  # tasks in the built-in data
 
 

@@ -42,7 +42,7 @@ def _run(tmp_path: Path, **overrides) -> tuple[list[dict], dict, dict]:
 
 
 def test_fedadam_on_the_noniid_preset_steps_at_most_eta_per_value(tmp_path):
-    preset = flatten_dict(tomllib.loads((REPO_ROOT / "presets" / "noniid-dirichlet.toml").read_text()))
+    preset = flatten_dict(tomllib.loads((REPO_ROOT / "presets" / "tiny-noniid-dirichlet.toml").read_text()))
     eta = 0.002
     rounds, initial, round_1 = _run(tmp_path, **preset, **{"strategy.name": "fedadam", "strategy.eta": eta})
     assert [r["train_replies"] for r in rounds] == [2, 2]
