@@ -129,6 +129,8 @@ class LoraRounds:
         if arrays is not None:
             # FedAdam's numpy scalars make float64 arrays; the global adapter stays float32.
             arrays = to_float32(arrays)
+        else:  # e.g. a DP wrapper skips a round in which a client failed
+            stats["kept_previous_adapter"] = True
         stats["time_aggregate_s"] = round(time.perf_counter() - started, 4)
         if metrics is not None:
             # train_loss, and the clients' timings and memory (means weighted by examples).
