@@ -2,8 +2,10 @@
 
 Each message: build the quantized PEFT model (or reuse the one kept from the previous round),
 load the global adapter, run trl's SFT trainer on this node's data (its partition in simulation,
-its own `data-path` file in a deployment) for `train.max-steps` steps, reply with the new
-adapter, the loss and the round's timings.
+its own `data-path` file in a deployment) for `train.max-steps` steps (with FedProx's proximal
+term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
+timings. With client-side differential privacy, Flower's clipping mod clips the update on its way
+out (`privacy.clipping_mod`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from flowertune_llm.data import load_client_data
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
 from flowertune_llm.preflight import check_node_data
+from flowertune_llm.privacy import clipping_mod
 from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
 from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics
 from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
+# Mods around the train handler, outermost first; `simulation.py` uses the same.
+TRAIN_MODS = [clipping_mod]
+# FedProx's strategy sends its mu under this key in the train config.
+PROXIMAL_MU_KEY = "proximal-mu"
 
 
 def _quiet_progress_bars() -> None:
@@ -51,7 +58,7 @@ def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTime
     return model
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the global adapter locally and return it with the training loss."""
     _quiet_progress_bars()
@@ -70,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
             config.train,
             learning_rate=float(round_config[LEARNING_RATE_KEY]),
             seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), node.seed_offset),
+            proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
         )
     with timer.phase("serialize"):
         arrays = to_array_record(adapter_state(model), config.transfer.dtype)

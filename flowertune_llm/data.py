@@ -9,6 +9,7 @@ on response tokens only.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -18,6 +19,7 @@ from flwr_datasets.partitioner import (
     ExponentialPartitioner,
     IidPartitioner,
     LinearPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     SquarePartitioner,
 )
@@ -84,6 +86,9 @@ def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitio
             alpha=settings.dirichlet_alpha,
             seed=settings.seed,
         )
+    if settings.partitioner == "natural-id":
+        # One partition per distinct value of the column: the number of nodes must match it.
+        return NaturalIdPartitioner(partition_by=settings.partition_by)
     size_skewed = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
     if settings.partitioner in size_skewed:
         return size_skewed[settings.partitioner](num_partitions=num_partitions)
@@ -110,20 +115,50 @@ def _federated_dataset(
     )
 
 
-def to_prompt_completion(records: Dataset) -> Dataset:
-    """Map Alpaca records (instruction, optional input, output or response) to prompt/completion."""
-    columns = set(records.column_names)
-    response = next((column for column in RESPONSE_COLUMNS if column in columns), None)
-    if "instruction" not in columns or response is None:
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which record columns hold the instruction, the optional input and the response."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    response: str = ""  # "" = `output`, else `response` (Alpaca's and Dolly-style names)
+
+    @classmethod
+    def from_settings(cls, settings: DatasetSettings) -> ColumnMapping:
+        """Return the mapping configured by `dataset.*-column`."""
+        return cls(settings.instruction_column, settings.input_column, settings.response_column)
+
+
+def _text(value: object) -> str:
+    """Return a cell as text: missing cells are empty, labels (numbers) become their digits."""
+    return "" if value is None else str(value)
+
+
+def to_prompt_completion(records: Dataset, columns: ColumnMapping = ColumnMapping()) -> Dataset:
+    """Map instruction records to Alpaca prompt/completion pairs, reading the mapped columns."""
+    present = set(records.column_names)
+    response = columns.response or next((name for name in RESPONSE_COLUMNS if name in present), "output")
+    # The default `input` column may be absent (instruction-only data); a configured one may not.
+    input_column = columns.input if columns.input in present or columns.input != "input" else ""
+    wanted = {
+        "dataset.instruction-column": columns.instruction,
+        "dataset.input-column": input_column,
+        "dataset.response-column": response,
+    }
+    missing = {key: name for key, name in wanted.items() if name and name not in present}
+    if missing:
         raise DatasetSourceError(
-            "dataset: records need an 'instruction' column and an 'output' (or 'response') column; "
-            f"found {sorted(columns)}"
+            "dataset: the records have no column "
+            + ", ".join(f"'{name}' ({key})" for key, name in missing.items())
+            + f"; their columns are {sorted(present)}. Map them with dataset.instruction-column, "
+            "dataset.input-column and dataset.response-column."
         )
 
     def convert(record: dict) -> dict:
+        context = _text(record[input_column]) if input_column else ""
         return {
-            "prompt": alpaca_prompt(record["instruction"], record.get("input") or ""),
-            "completion": record[response],
+            "prompt": alpaca_prompt(_text(record[columns.instruction]), context),
+            "completion": _text(record[response]),
         }
 
     return records.map(convert, remove_columns=records.column_names)
@@ -137,9 +172,25 @@ def load_client_data(
         settings.name, settings.partitioner, settings.partition_by,
         settings.dirichlet_alpha, settings.seed, num_partitions,
     )
-    partition = to_prompt_completion(federated.load_partition(partition_id, "train"))
+    if settings.partitioner == "natural-id":
+        check_natural_id_count(federated, settings.partition_by, num_partitions)
+    partition = to_prompt_completion(
+        federated.load_partition(partition_id, "train"), ColumnMapping.from_settings(settings)
+    )
     if settings.validation_fraction <= 0:
         return partition, None
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
+
+
+def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:
+    """Fail with advice unless the federation has one node per distinct value of `column`."""
+    federated.load_partition(0, "train")  # makes the partitioner read the ids
+    num_ids = federated.partitioners["train"].num_partitions
+    if num_ids != num_partitions:
+        raise DatasetSourceError(
+            f"dataset.partitioner='natural-id' gives one partition per distinct '{column}' value: "
+            f"{num_ids} here, but the federation has {num_partitions} nodes. Run it with "
+            f'--federation-config "num-supernodes={num_ids}", or use dataset.partitioner=\'dirichlet\''
+        )

@@ -25,7 +25,7 @@ from transformers import (
 
 from flowertune_llm.config import ModelSettings
 from flowertune_llm.quantized_cache import cache_entry, save_entry
-from flowertune_llm.tiny_model import BUILTIN_MODEL_NAME, ensure_tiny_llama
+from flowertune_llm.tiny_model import BUILTIN_CONFIGS, BUILTIN_MODEL_NAME, ensure_builtin_model
 
 # bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs.
 COMPUTE_DTYPE = torch.bfloat16
@@ -37,8 +37,12 @@ class ModelSourceError(RuntimeError):
 
 def resolve_model_path(name: str) -> str:
     """Return what `from_pretrained` should load: the built-in folder, a local folder or a hub id."""
-    if name == BUILTIN_MODEL_NAME:
-        return str(ensure_tiny_llama())
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_CONFIGS:
+            raise ModelSourceError(
+                f"model.name: no built-in model '{name}'; built-in models are " + ", ".join(BUILTIN_CONFIGS)
+            )
+        return str(ensure_builtin_model(name))
     return name
 
 
@@ -78,20 +82,29 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
 
 def quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
     """Return the bitsandbytes config for 4-bit NF4 or 8-bit, or None for a bf16 base."""
-    if settings.quantization == 4:
+    return bits_config(settings.quantization)
+
+
+def bits_config(bits: int) -> BitsAndBytesConfig | None:
+    """Return the bitsandbytes config for `bits` = 4 (NF4), 8 (LLM.int8()) or 16 (None: no quantization)."""
+    if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=COMPUTE_DTYPE,
         )
-    if settings.quantization == 8:
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
 def lora_config(settings: ModelSettings) -> LoraConfig:
-    """Return the LoRA config of the adapter that clients train and the server averages."""
+    """Return the LoRA config of the adapter that clients train and the server averages.
+
+    `target_modules=None` lets peft pick its per-architecture default (`peft-default`): q_proj and
+    v_proj on Llama, Mistral and Qwen2; q_proj, v_proj, fc1 and fc2 on Phi.
+    """
     return LoraConfig(
         r=settings.lora.r,
         lora_alpha=settings.lora.alpha,
@@ -127,9 +140,51 @@ def _keep_4bit_weights_trainable_on_cpu(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
-    """Load the frozen base model, quantized as configured and prepared for k-bit training."""
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+def _keep_frozen_embeddings_in_compute_dtype(model: PreTrainedModel) -> None:
+    """Undo peft's fp32 copy of the frozen input embedding and LM head, without changing any result.
+
+    `prepare_model_for_kbit_training` upcasts every weight bitsandbytes did not quantize to fp32,
+    the embedding and the LM head included: 4 bytes instead of 2 for 2 x vocab x width values
+    (+410 MB for OpenLLaMA 3B, +525 MB for 7B). Both are frozen and hold bf16 values, so back in
+    bf16 they hold exactly the same numbers; the LM head only runs under bf16 autocast (trl's fused
+    head), which casts an fp32 weight to bf16 anyway; the embedding's output is cast to fp32, which
+    is what its fp32 copy returned, so the residual stream keeps its precision.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    for module in {embedding, head}:
+        if module is not None and module.weight.dtype == torch.float32:
+            module.weight.data = module.weight.data.to(COMPUTE_DTYPE)
+    embedding.register_forward_hook(lambda module, inputs, output: output.float())
+
+
+def default_device_map() -> dict[str, int | str]:
+    """Return the device map that puts a whole model on this process's GPU, or on the CPU."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def load_inference_base(
+    name: str, bits: int, dtype: torch.dtype = COMPUTE_DTYPE, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a base model for generation or merging: quantized to `bits` (16 = none), not prepared for training."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name),
+        quantization_config=bits_config(bits),
+        dtype=dtype,
+        device_map=default_device_map(),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.eval()
+    return model
+
+
+def load_quantized_base(settings: ModelSettings, upcast_embeddings: bool = False) -> PreTrainedModel:
+    """Load the frozen base model, quantized as configured and prepared for k-bit training.
+
+    `upcast_embeddings=True` keeps peft's fp32 embedding and LM head (the reference's memory use;
+    the memory report measures the difference).
+    """
+    device_map = default_device_map()
     source = resolve_model_path(settings.name)
     entry = cache_entry(settings, source)
     cached = entry is not None and entry.is_dir()
@@ -152,6 +207,8 @@ def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
         )
+        if not upcast_embeddings:
+            _keep_frozen_embeddings_in_compute_dtype(model)
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -160,9 +217,30 @@ def load_quantized_base(settings: ModelSettings) -> PreTrainedModel:
     return model
 
 
-def build_peft_model(settings: ModelSettings) -> PeftModel:
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Return the distinct last names of the model's linear layers (what LoRA can target)."""
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear)})
+
+
+def wrap_with_lora(base: PreTrainedModel, settings: ModelSettings) -> PeftModel:
+    """Wrap a base model with LoRA as configured, naming the model's layers if a target is missing."""
+    try:
+        return get_peft_model(base, lora_config(settings))
+    except ValueError as error:
+        if "target" not in str(error).lower():
+            raise
+        raise ModelSourceError(
+            f"model.lora.target-modules: {settings.lora.target_modules!r} does not fit "
+            f"{type(base).__name__}, whose linear layers are named: "
+            + ", ".join(linear_module_names(base))
+            + ". Use 'all-linear', 'peft-default' or some of those names."
+        ) from error
+
+
+def build_peft_model(settings: ModelSettings, upcast_embeddings: bool = False) -> PeftModel:
     """Return the quantized base wrapped with fresh, trainable LoRA weights."""
-    return get_peft_model(load_quantized_base(settings), lora_config(settings))
+    return wrap_with_lora(load_quantized_base(settings, upcast_embeddings), settings)
 
 
 def build_adapter_skeleton(settings: ModelSettings, seed: int) -> PeftModel:
@@ -174,7 +252,7 @@ def build_adapter_skeleton(settings: ModelSettings, seed: int) -> PeftModel:
     model_config = load_model_config(settings)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model_config, trust_remote_code=settings.trust_remote_code)
-    model = get_peft_model(base, lora_config(settings))
+    model = wrap_with_lora(base, settings)
     torch.manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoraLayer):

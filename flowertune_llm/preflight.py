@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
 from flowertune_llm.config import DATA_PATH_KEY, AppConfig, NodeSettings
-from flowertune_llm.data import DatasetSourceError, dataset_source, to_prompt_completion
+from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
 
 TEXT_FORMATS = ("json", "csv")
 
@@ -66,7 +66,7 @@ def check_training_data(config: AppConfig, tokenizer: PreTrainedTokenizerBase) -
     records = read_local_records(config.dataset.name)
     if records is None:
         return
-    examples = to_prompt_completion(records)
+    examples = to_prompt_completion(records, ColumnMapping.from_settings(config.dataset))
     limit = config.train.seq_length
     prompt_lengths = [len(ids) for ids in tokenizer(list(examples["prompt"]))["input_ids"]]
     too_long = [index for index, length in enumerate(prompt_lengths) if length >= limit]

@@ -6,6 +6,7 @@ Layout of `results/<run-name>/`:
   checkpoint.safetensors the latest global adapter and its round: what `train.resume-from` continues
   adapter-round-<k>/     the global adapter after round k (every `train.save-every-round` rounds)
   adapter-final/         the global adapter after the last round
+Each adapter folder holds peft's files and `flowertune-adapter.json` (base model, prompt format).
 Every file is written to a temporary name and renamed, so a killed run never leaves a half-written
 file behind. metrics.json is written before the checkpoint, so the checkpoint's round is never
 ahead of the metrics; a resume drops any metrics record after the checkpoint's round.
@@ -28,6 +29,7 @@ from flwr.common.logger import log
 from peft import PeftModel
 from safetensors.torch import save_file
 
+from flowertune_llm.adapter_card import card_for, write_card
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig, ResultsSettings, to_run_config
 
@@ -177,17 +179,20 @@ class RunRecorder:
             parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
         if "server_eval_loss" in record:
             parts.append(f"| server eval loss {record['server_eval_loss']:.4f}")
+        if "privacy_epsilon" in record:
+            parts.append(f"| privacy spent: epsilon {record['privacy_epsilon']:.2f} at delta {record['privacy_delta']:g}")
         parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e}")
         parts.append(f"| {record['bytes_total'] / 1e6:.2f} MB sent so far | {record['elapsed_s']:.1f} s elapsed")
         return " ".join(parts)
 
     def save_adapter(self, arrays: ArrayRecord, name: str) -> Path:
-        """Save a global adapter with peft's `save_pretrained` (safetensors + adapter_config.json)."""
+        """Save a global adapter with peft's `save_pretrained`, plus its base model and prompt format."""
         load_adapter_state(self.skeleton, from_array_record(arrays))
         target = self.folder / name
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.folder))
         try:
             self.skeleton.save_pretrained(staging, safe_serialization=True)
+            write_card(staging, card_for(self.config.model))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

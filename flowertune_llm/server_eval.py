@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig
-from flowertune_llm.data import DatasetSourceError, dataset_source, to_prompt_completion
+from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
 from flowertune_llm.model import build_peft_model, load_tokenizer
 from flowertune_llm.preflight import read_local_records
 from flowertune_llm.training import evaluate_loss
@@ -25,8 +25,11 @@ from flowertune_llm.training import evaluate_loss
 KEY = "evaluate.server-dataset"
 
 
-def load_heldout_data(name: str) -> Dataset:
-    """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split."""
+def load_heldout_data(name: str, columns: ColumnMapping = ColumnMapping()) -> Dataset:
+    """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split.
+
+    Its columns are read with the training data's mapping (`dataset.*-column`).
+    """
     records = read_local_records(name, KEY)
     if records is None:
         dataset, _ = dataset_source(name, KEY)
@@ -34,7 +37,7 @@ def load_heldout_data(name: str) -> Dataset:
             records = load_dataset(dataset, split="train" if Path(dataset).is_dir() else "test")
         except Exception as error:  # offline, no `test` split, unreadable folder
             raise DatasetSourceError(f"{KEY}: cannot load '{name}': {type(error).__name__}: {error}") from None
-    return to_prompt_completion(records)
+    return to_prompt_completion(records, columns)
 
 
 class ServerEvaluator:
@@ -42,7 +45,9 @@ class ServerEvaluator:
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
-        self.data: Dataset = load_heldout_data(config.evaluate.server_dataset)
+        self.data: Dataset = load_heldout_data(
+            config.evaluate.server_dataset, ColumnMapping.from_settings(config.dataset)
+        )
         self._model: PeftModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
 

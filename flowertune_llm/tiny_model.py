@@ -1,7 +1,10 @@
-"""The built-in tiny Llama checkpoint, built locally and deterministically on first use.
+"""The built-in tiny checkpoints, built locally and deterministically on first use.
 
-It is saved like any Hugging Face checkpoint (config, safetensors weights, tokenizer) so that the
+Each is saved like any Hugging Face checkpoint (config, safetensors weights, tokenizer) so that the
 app loads it through exactly the same `from_pretrained` + bitsandbytes + peft path as a real model.
+`builtin:tiny-llama` is the default; `builtin:tiny-mistral`, `builtin:tiny-qwen2` and
+`builtin:tiny-phi` have the same size and tokenizer in other architectures, so that tests show
+the app is not tied to Llama's module names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from flowertune_llm.builtin_data import generate_examples
 from flowertune_llm.prompts import alpaca_prompt
@@ -52,6 +63,46 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
+# What every tiny architecture shares: the tiny tokenizer's special tokens and a small width.
+_SHARED = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,  # see tiny_llama_config
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def tiny_mistral_config() -> MistralConfig:
+    """Return a tiny Mistral (sliding-window attention; Llama's module names)."""
+    return MistralConfig(**_SHARED, rms_norm_eps=1e-5, sliding_window=128)
+
+
+def tiny_qwen2_config() -> Qwen2Config:
+    """Return a tiny Qwen2 (biases on q/k/v projections)."""
+    return Qwen2Config(**_SHARED, rms_norm_eps=1e-5)
+
+
+def tiny_phi_config() -> PhiConfig:
+    """Return a tiny Phi (LayerNorm, partial rotary, `dense`/`fc1`/`fc2` instead of Llama's names)."""
+    return PhiConfig(**_SHARED, layer_norm_eps=1e-5, partial_rotary_factor=0.5)
+
+
+BUILTIN_CONFIGS = {
+    BUILTIN_MODEL_NAME: tiny_llama_config,
+    "builtin:tiny-mistral": tiny_mistral_config,
+    "builtin:tiny-qwen2": tiny_qwen2_config,
+    "builtin:tiny-phi": tiny_phi_config,
+}
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the built-in data, so prompts take few tokens."""
     tokenizer = Tokenizer(models.BPE())
@@ -73,24 +124,35 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(directory: Path) -> None:
-    """Write the tiny checkpoint (random weights from a fixed seed) and its tokenizer."""
+def build_tiny_model(directory: Path, model_config: PretrainedConfig) -> None:
+    """Write a tiny checkpoint (random weights from a fixed seed) and the tiny tokenizer."""
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(tiny_llama_config())
+    model = AutoModelForCausalLM.from_config(model_config)
     model.save_pretrained(directory, safe_serialization=True)
     build_tokenizer().save_pretrained(directory)
 
 
+def build_tiny_llama(directory: Path) -> None:
+    """Write the default tiny Llama checkpoint and its tokenizer."""
+    build_tiny_model(directory, tiny_llama_config())
+
+
 def ensure_tiny_llama() -> Path:
-    """Return the folder of the built-in checkpoint, building it once per cache folder."""
-    target = cache_root() / f"tiny-llama-{BUILD_VERSION}"
+    """Return the folder of the default built-in checkpoint, building it once per cache folder."""
+    return ensure_builtin_model(BUILTIN_MODEL_NAME)
+
+
+def ensure_builtin_model(name: str) -> Path:
+    """Return the folder of built-in checkpoint `name` (a key of BUILTIN_CONFIGS), building it once."""
+    slug = name.removeprefix("builtin:")
+    target = cache_root() / f"{slug}-{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build aside and rename: clients starting at once never see a half-written checkpoint.
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{slug}-", dir=target.parent))
     try:
-        build_tiny_llama(staging)
+        build_tiny_model(staging, BUILTIN_CONFIGS[name]())
         os.replace(staging, target)
     except OSError:
         if not (target / "config.json").is_file():

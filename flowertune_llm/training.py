@@ -2,19 +2,21 @@
 
 The loss covers response tokens only: the data has `prompt` and `completion` columns, and trl
 masks the prompt's labels. The learning rate is constant within a round; it changes across rounds
-(`cosine_learning_rate`), as in the FlowerTune reference.
+(`cosine_learning_rate`), as in the FlowerTune reference. With FedProx the local objective gets
+the proximal term (mu/2)·||w − w_global||² over the LoRA weights (`ProximalTerm`).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase, PrinterCallback
+from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.config import TrainSettings
@@ -82,6 +84,7 @@ def _trainer(
     output_dir: str,
     train_data: Dataset,
     eval_data: Dataset | None = None,
+    compute_loss_func: Callable | None = None,
 ) -> SFTTrainer:
     base = model.get_base_model()
     # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
@@ -93,10 +96,34 @@ def _trainer(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
+        compute_loss_func=compute_loss_func,
     )
     # One printed dict per step from every client drowns the server's round summaries.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+class ProximalTerm(TrainerCallback):
+    """FedProx's proximal term (mu/2)·||w − w_global||² over the trainable (LoRA) weights.
+
+    Its gradient, mu·(w − w_global), is added to each trainable weight's gradient once per optimizer
+    step, right before the step: exact whatever the gradient accumulation and however the trainer
+    scales the loss of micro-batches. It comes after gradient clipping, which bounds the data
+    gradient only. The reported training loss stays the data loss, comparable across strategies.
+    """
+
+    def __init__(self, model: PeftModel, mu: float) -> None:
+        self.mu = mu
+        # The global adapter as the trainer holds it (after trl's cast of LoRA weights to bf16).
+        self.anchors = [(weight, weight.detach().float().clone())
+                        for weight in model.parameters() if weight.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Add mu·(w − w_global) to each trainable weight's gradient."""
+        with torch.no_grad():
+            for weight, anchor in self.anchors:
+                if weight.grad is not None:
+                    weight.grad.add_((self.mu * (weight.float() - anchor)).to(weight.grad.dtype))
 
 
 @dataclass
@@ -114,12 +141,22 @@ def train_adapter(
     settings: TrainSettings,
     learning_rate: float,
     seed: int,
+    proximal_mu: float = 0.0,
+    compute_loss_func: Callable | None = None,
 ) -> LocalTraining:
-    """Train the model's LoRA weights for `settings.max_steps` steps."""
+    """Train the model's LoRA weights for `settings.max_steps` steps (FedProx's term if `proximal_mu` > 0).
+
+    By default trl computes the loss with its fused LM head, never holding the full logits;
+    `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
+    report does to measure what the fused head saves.
+    """
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
-            model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data
+            model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,
+            compute_loss_func=compute_loss_func,
         )
+        if proximal_mu > 0:
+            trainer.add_callback(ProximalTerm(model, proximal_mu))
         loss = float(trainer.train().training_loss)
         return LocalTraining(loss=loss, tokens=int(trainer.state.num_input_tokens_seen))
 

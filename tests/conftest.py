@@ -35,3 +35,18 @@ def run_config() -> dict:
 def config() -> AppConfig:
     """The default run config, parsed."""
     return parse_config(default_run_config())
+
+
+# --- A finished default run, shared by the tests of the commands that read run folders ----------
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """Return the folder of a 2-round default run (tiny model, 2 clients), run once per session."""
+    from flowertune_llm.simulation import simulate
+
+    parent = tmp_path_factory.mktemp("finished-run")
+    simulate(default_run_config(**{
+        "num-server-rounds": 2, "results.dir": str(parent), "results.run-name": "default",
+    }))
+    return parent / "default"

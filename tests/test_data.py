@@ -66,7 +66,7 @@ def test_records_with_response_column_become_prompt_completion():
 
 
 def test_records_without_output_column_are_refused():
-    with pytest.raises(DatasetSourceError, match="'instruction' column and an 'output'.*found \\['answer', 'instruction'\\]"):
+    with pytest.raises(DatasetSourceError, match="no column 'output' \\(dataset.response-column\\); their columns are \\['answer', 'instruction'\\]"):
         to_prompt_completion(Dataset.from_list([{"instruction": "x", "answer": "y"}]))
 
 

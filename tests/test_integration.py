@@ -24,10 +24,18 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_two_rounds_two_clients(tmp_path, bits):
+@pytest.mark.parametrize(("model_name", "bits"), [
+    ("builtin:tiny-llama", 4),
+    ("builtin:tiny-llama", 8),
+    # Other architectures (other module names, biases, LayerNorm, partial rotary): same test.
+    ("builtin:tiny-mistral", 4),
+    ("builtin:tiny-qwen2", 4),
+    ("builtin:tiny-phi", 4),
+])
+def test_two_rounds_two_clients(tmp_path, model_name, bits):
     run_config = default_run_config(**{
         "num-server-rounds": 2,
+        "model.name": model_name,
         "model.quantization": bits,
         "train.save-every-round": 1,
         "results.dir": str(tmp_path),
@@ -62,6 +70,7 @@ def test_two_rounds_two_clients(tmp_path, bits):
 
     # It loads back onto the base model and changes what the model computes.
     base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert type(base).__name__.lower().startswith(model_name.removeprefix("builtin:tiny-"))
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         base_logits = base(tokens).logits.clone()
