@@ -118,9 +118,9 @@ def flower_binary(name: str) -> str:
 
 
 def start_process(command: list[str], log: Path, cwd: Path | None = None) -> int:
-    """Start `command` in a process group of its own, its output appended to `log`; return its PID."""
+    """Start `command` in a process group of its own, its output written to `log`; return its PID."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as stream:
+    with log.open("wb") as stream:
         process = subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env=flower_environment(), start_new_session=True,
@@ -342,6 +342,7 @@ def up(
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cli_log = logs / "flwr-cli.log"
+    cli_log.write_text("", encoding="utf-8")
 
     tls = make_tls_files(folder / "certificates")
     keys = [make_supernode_key(folder / "supernode-keys", f"supernode-{i}") for i in range(num_supernodes)]
