@@ -1,8 +1,11 @@
 """ClientApp: train the received global LoRA adapter on this node's data, or evaluate it.
 
 Each message: build the quantized PEFT model (or reuse the one kept from the previous round),
-load the global adapter, run trl's SFT trainer on the local partition for `train.max-steps`
-steps, reply with the new adapter, the loss and the round's timings.
+load the global adapter, run trl's SFT trainer on this node's data (its partition in simulation,
+its own `data-path` file in a deployment) for `train.max-steps` steps (with FedProx's proximal
+term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
+timings. With client-side differential privacy, Flower's clipping mod clips the update on its way
+out (`privacy.clipping_mod`).
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
-from flowertune_llm.config import AppConfig, parse_config
-from flowertune_llm.data import load_client_data, node_partition
+from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
+from flowertune_llm.data import load_client_data
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
+from flowertune_llm.preflight import check_node_data
+from flowertune_llm.privacy import clipping_mod
 from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
 from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics
 from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
+# Mods around the train handler, outermost first; `simulation.py` uses the same.
+TRAIN_MODS = [clipping_mod]
+# FedProx's strategy sends its mu under this key in the train config.
+PROXIMAL_MU_KEY = "proximal-mu"
 
 
 def _quiet_progress_bars() -> None:
@@ -34,6 +43,12 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _settings(context: Context) -> tuple[AppConfig, NodeSettings]:
+    """Return the run's settings as this node applies them, and what the node's config sets."""
+    node = parse_node_config(context.node_config)
+    return for_node(parse_config(context.run_config), node), node
+
+
 def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTimer) -> PeftModel:
     """Build (or reuse) the quantized PEFT model and load the global adapter the server sent."""
     with timer.phase("base"):
@@ -43,15 +58,15 @@ def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTime
     return model
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the global adapter locally and return it with the training loss."""
     _quiet_progress_bars()
     timer = PhaseTimer()
-    config = parse_config(context.run_config)
-    partition_id, num_partitions = node_partition(context.node_config)
+    config, node = _settings(context)
     with timer.phase("data"):
-        train_data, _ = load_client_data(config.dataset, partition_id, num_partitions)
+        check_node_data(node)
+        train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     model = _model_with_global_adapter(config, msg, timer)
     round_config = msg.content["config"]
     with timer.phase("train"):
@@ -61,7 +76,8 @@ def train(msg: Message, context: Context) -> Message:
             train_data,
             config.train,
             learning_rate=float(round_config[LEARNING_RATE_KEY]),
-            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), partition_id),
+            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), node.seed_offset),
+            proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
         )
     with timer.phase("serialize"):
         arrays = to_array_record(adapter_state(model), config.transfer.dtype)
@@ -79,9 +95,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss on this node's held-out share."""
     _quiet_progress_bars()
-    config = parse_config(context.run_config)
-    partition_id, num_partitions = node_partition(context.node_config)
-    _, eval_data = load_client_data(config.dataset, partition_id, num_partitions)
+    config, node = _settings(context)
+    check_node_data(node)
+    _, eval_data = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     if eval_data is None or len(eval_data) == 0:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
     model = _model_with_global_adapter(config, msg, PhaseTimer())

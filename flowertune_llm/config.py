@@ -3,6 +3,7 @@
 This is the only module that reads `context.run_config`. Keys are kebab-case with dotted groups
 (`model.lora.r`, `train.seq-length`); their defaults live in pyproject.toml alone, and every key
 must be present, so a typo or a missing key stops the run here, before any model is loaded.
+It is also the only module that reads a node's `context.node_config` (which data the node trains on).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import difflib
 import math
 import re
 import typing
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 QUANTIZATION_BITS = (4, 8, 16)
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
-PARTITIONERS = ("iid", "dirichlet", "linear", "square", "exponential")
+PARTITIONERS = ("iid", "dirichlet", "natural-id", "linear", "square", "exponential")
+# Partitioners that split by the values of the `dataset.partition-by` column.
+PARTITIONERS_BY_COLUMN = ("dirichlet", "natural-id")
+# Issue 7: federated optimisers and differential privacy.
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Strategies whose server keeps state across rounds that a checkpoint does not hold.
+SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 # The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
 BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -101,7 +110,7 @@ class TrainSettings:
 
 @dataclass
 class StrategySettings:
-    """Client sampling and the round deadline for FedAvg."""
+    """Which aggregation strategy, its parameters, client sampling and the round deadline."""
 
     fraction_train: float = MISSING
     fraction_evaluate: float = MISSING
@@ -110,6 +119,15 @@ class StrategySettings:
     min_available_nodes: int = MISSING
     min_train_replies: int = MISSING
     round_timeout: float = MISSING
+    # Which Flower strategy aggregates, and its own parameters (each used by the strategies named).
+    name: str = MISSING
+    proximal_mu: float = MISSING  # fedprox
+    server_learning_rate: float = MISSING  # fedavgm
+    server_momentum: float = MISSING  # fedavgm
+    eta: float = MISSING  # fedadam, fedyogi, fedadagrad
+    beta_1: float = MISSING  # fedadam, fedyogi
+    beta_2: float = MISSING  # fedadam, fedyogi
+    tau: float = MISSING  # fedadam, fedyogi, fedadagrad
 
 
 @dataclass
@@ -125,6 +143,33 @@ class TransferSettings:
     """How adapters travel between server and clients."""
 
     dtype: str = MISSING
+
+
+@dataclass
+class PrivacySettings:
+    """Central differential privacy with Flower's clipping wrappers (`differential_privacy='off'`: none)."""
+
+    differential_privacy: str = MISSING
+    noise_multiplier: float = MISSING
+    clipping_norm: float = MISSING  # fixed clipping: the bound; adaptive: the initial bound
+    target_clipped_quantile: float = MISSING  # adaptive
+    clip_norm_lr: float = MISSING  # adaptive
+    target_delta: float = MISSING  # the delta at which the accountant reports epsilon
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether updates are clipped and noised."""
+        return self.differential_privacy != "off"
+
+    @property
+    def client_side(self) -> bool:
+        """Return whether clients clip their own update (Flower's clipping mods)."""
+        return self.differential_privacy.startswith("client-")
+
+    @property
+    def adaptive(self) -> bool:
+        """Return whether the clipping bound adapts to a quantile of update norms."""
+        return self.differential_privacy.endswith("-adaptive")
 
 
 @dataclass
@@ -146,6 +191,7 @@ class AppConfig:
     strategy: StrategySettings = field(default_factory=StrategySettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
 
 
@@ -220,9 +266,9 @@ def _check_values(config: AppConfig) -> list[str]:
             "a hub id, a local JSON/JSONL/CSV/Parquet file or folder, or 'builtin:tiny-instructions'")
     require(data.partitioner in PARTITIONERS, "dataset.partitioner", data.partitioner,
             "one of " + ", ".join(PARTITIONERS))
-    if data.partitioner == "dirichlet":
+    if data.partitioner in PARTITIONERS_BY_COLUMN:
         require(bool(data.partition_by.strip()), "dataset.partition-by", data.partition_by,
-                "a column name when dataset.partitioner is 'dirichlet'")
+                f"a column name when dataset.partitioner is '{data.partitioner}'")
     for key, value in (("dataset.instruction-column", data.instruction_column),
                        ("dataset.input-column", data.input_column),
                        ("dataset.response-column", data.response_column)):
@@ -276,9 +322,91 @@ def _check_values(config: AppConfig) -> list[str]:
             is not None and config.results.run_name not in (".", ".."),
             "results.run-name", config.results.run_name,
             "empty (a name is made from the time and setting) or letters, digits, '.', '_', '-'")
+    problems += _check_strategy(config)
+    problems += _check_privacy(config)
     optimizer_problem = _check_optimizer(train.optimizer)
     if optimizer_problem:
         problems.append(optimizer_problem)
+    return problems
+
+
+def _check_strategy(config: AppConfig) -> list[str]:
+    """Return one message per bad `strategy.name` or strategy parameter."""
+    problems: list[str] = []
+    strategy = config.strategy
+
+    def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {accepted}, got {value!r}")
+
+    require(strategy.name in STRATEGY_NAMES, "strategy.name", strategy.name, "one of " + ", ".join(STRATEGY_NAMES))
+    require(math.isfinite(strategy.proximal_mu) and strategy.proximal_mu >= 0, "strategy.proximal-mu",
+            strategy.proximal_mu, ">= 0")
+    require(math.isfinite(strategy.server_learning_rate) and strategy.server_learning_rate > 0,
+            "strategy.server-learning-rate", strategy.server_learning_rate, "> 0")
+    require(math.isfinite(strategy.server_momentum) and 0 <= strategy.server_momentum < 1,
+            "strategy.server-momentum", strategy.server_momentum, "in [0, 1)")
+    require(math.isfinite(strategy.eta) and strategy.eta > 0, "strategy.eta", strategy.eta, "> 0")
+    for key, value in (("strategy.beta-1", strategy.beta_1), ("strategy.beta-2", strategy.beta_2)):
+        require(math.isfinite(value) and 0 <= value < 1, key, value, "in [0, 1)")
+    require(math.isfinite(strategy.tau) and strategy.tau > 0, "strategy.tau", strategy.tau, "> 0")
+    # The checkpoint holds the global adapter only: a server optimiser's moments or momentum would
+    # silently restart from zero, which is another algorithm than the one the run started with.
+    if config.train.resume_from and strategy.name in SERVER_OPTIMISERS:
+        problems.append(
+            f"train.resume-from cannot continue a run with strategy.name={strategy.name!r}: its server "
+            "optimiser state (moments or momentum) is not checkpointed, so the continued run would not "
+            "be the same algorithm. Start the run again without train.resume-from"
+        )
+    return problems
+
+
+def _check_privacy(config: AppConfig) -> list[str]:
+    """Return one message per bad `privacy.*` value or a setting differential privacy cannot work with."""
+    problems: list[str] = []
+    privacy, strategy = config.privacy, config.strategy
+
+    def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {accepted}, got {value!r}")
+
+    require(privacy.differential_privacy in DP_MODES, "privacy.differential-privacy",
+            privacy.differential_privacy, "one of " + ", ".join(DP_MODES))
+    require(math.isfinite(privacy.noise_multiplier) and privacy.noise_multiplier >= 0,
+            "privacy.noise-multiplier", privacy.noise_multiplier, ">= 0")
+    require(math.isfinite(privacy.clipping_norm) and privacy.clipping_norm > 0, "privacy.clipping-norm",
+            privacy.clipping_norm, "> 0")
+    require(math.isfinite(privacy.target_clipped_quantile) and 0 <= privacy.target_clipped_quantile <= 1,
+            "privacy.target-clipped-quantile", privacy.target_clipped_quantile, "in [0, 1]")
+    require(math.isfinite(privacy.clip_norm_lr) and privacy.clip_norm_lr > 0, "privacy.clip-norm-lr",
+            privacy.clip_norm_lr, "> 0")
+    require(math.isfinite(privacy.target_delta) and 0 < privacy.target_delta < 1, "privacy.target-delta",
+            privacy.target_delta, "in (0, 1)")
+    if not privacy.enabled or privacy.differential_privacy not in DP_MODES:
+        return problems
+    mode = f"privacy.differential-privacy={privacy.differential_privacy!r}"
+    # Flower's wrappers add noise to what the inner strategy returns, calibrated to a mean of
+    # clipped updates; a server optimiser returns a rescaled step instead, which that noise does not cover.
+    require(strategy.name in ("fedavg", "fedprox"), "strategy.name", strategy.name,
+            f"'fedavg' or 'fedprox' with {mode} (the noise is calibrated to a plain mean of clipped updates)")
+    # Clients clip the update they send; a 16-bit rounding of the clipped adapter afterwards moves it
+    # by up to 2^-8 of the adapter's values, which can push the update past the clipping bound.
+    if privacy.client_side:
+        require(config.transfer.dtype == "float32", "transfer.dtype", config.transfer.dtype,
+                f"'float32' with {mode} (a 16-bit rounding after clipping can exceed the bound)")
+    if privacy.adaptive and privacy.noise_multiplier > 0:
+        # Flower also noises the count of clipped updates (stddev = sampled clients / 20), and needs
+        # the update noise to stay below twice that.
+        limit = strategy.min_train_nodes / 10
+        require(privacy.noise_multiplier < limit, "privacy.noise-multiplier", privacy.noise_multiplier,
+                f"< strategy.min-train-nodes / 10 = {limit:g} with adaptive clipping (Flower's clipped-count "
+                "noise is min-train-nodes / 20 and must be over half the update noise); sample more clients")
+    if config.train.resume_from:
+        problems.append(
+            f"train.resume-from cannot continue a run with {mode}: the privacy accountant's state and "
+            "the adaptive clipping bound are not checkpointed, so the privacy spent would be under-reported. "
+            "Start the run again without train.resume-from"
+        )
     return problems
 
 
@@ -343,3 +471,85 @@ def _one_message(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)
+
+
+# --- Node config: what a node sets for itself ---------------------------------------------------
+# The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`. A real
+# SuperNode is a data owner: it names its own data file, and may name a folder on its disk for the
+# quantized-base cache: `flower-supernode --node-config "data-path='...' quantized-cache-dir='...'"`.
+
+DATA_PATH_KEY = "data-path"
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+QUANTIZED_CACHE_DIR_KEY = "quantized-cache-dir"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a node's config sets: its own data (`data_path`, else a slice of dataset.name), its cache folder."""
+
+    data_path: str = ""
+    partition_id: int = 0
+    num_partitions: int = 1
+    quantized_cache_dir: str = ""
+
+    @property
+    def seed_offset(self) -> int:
+        """Return a per-node number for the local training seed, stable across runs."""
+        if self.data_path:
+            return zlib.crc32(self.data_path.encode()) % 1_000_003
+        return self.partition_id
+
+
+def _node_string(node_config: Mapping[str, Any], key: str) -> str:
+    value = node_config.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"node config: {key} must be a string (a path), got {value!r}")
+    return value.strip()
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Return what this node's config sets, or raise `ConfigError`.
+
+    `data-path` gives the node its own local file or folder (deployment); `partition-id` and
+    `num-partitions` pick a slice of it, or of `dataset.name` when there is no `data-path` (simulation).
+    `quantized-cache-dir` sets `model.quantized-cache-dir` for this node only.
+    """
+    data_path = _node_string(node_config, DATA_PATH_KEY)
+    cache_dir = _node_string(node_config, QUANTIZED_CACHE_DIR_KEY)
+    has_partition = PARTITION_ID_KEY in node_config or NUM_PARTITIONS_KEY in node_config
+    if not data_path and not has_partition:
+        raise ConfigError(
+            f"node config: this SuperNode has no data. Give it its own file with "
+            f"`flower-supernode --node-config \"{DATA_PATH_KEY}='/path/to/train.jsonl'\"` (deployment), or "
+            f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (the simulation engine sets them); "
+            f"got {dict(node_config)}"
+        )
+    if not has_partition:
+        return NodeSettings(data_path=data_path, quantized_cache_dir=cache_dir)
+    try:
+        partition_id = node_config[PARTITION_ID_KEY]
+        num_partitions = node_config[NUM_PARTITIONS_KEY]
+        if isinstance(partition_id, bool) or isinstance(num_partitions, bool):
+            raise TypeError
+        partition_id, num_partitions = int(partition_id), int(num_partitions)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"node config: '{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' must both be given, as integers, "
+            f"to pick this node's data partition; got {dict(node_config)}"
+        ) from error
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config: {PARTITION_ID_KEY} must be in [0, {NUM_PARTITIONS_KEY}={num_partitions}), got {partition_id}"
+        )
+    return NodeSettings(data_path, partition_id, num_partitions, cache_dir)
+
+
+def for_node(config: AppConfig, node: NodeSettings) -> AppConfig:
+    """Return the run's settings as this node applies them: its own data file and cache folder, if set."""
+    dataset, model = config.dataset, config.model
+    if node.data_path:
+        dataset = dataclasses.replace(dataset, name=node.data_path)
+    if node.quantized_cache_dir:
+        model = dataclasses.replace(model, quantized_cache_dir=node.quantized_cache_dir)
+    return dataclasses.replace(config, dataset=dataset, model=model)

@@ -1,6 +1,7 @@
 """Client data: load the instruction dataset, take this node's partition, split off validation.
 
-Flower Datasets partitions the dataset over the federation's nodes; each record becomes an Alpaca
+Flower Datasets partitions the dataset over the federation's nodes (in a deployment, a node's own
+file, its node config's `data-path`, takes the place of `dataset.name`); each record becomes an Alpaca
 `prompt` and the `completion` to learn, the two columns trl's SFTTrainer uses to compute the loss
 on response tokens only.
 """
@@ -18,6 +19,7 @@ from flwr_datasets.partitioner import (
     ExponentialPartitioner,
     IidPartitioner,
     LinearPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     SquarePartitioner,
 )
@@ -84,6 +86,9 @@ def make_partitioner(settings: DatasetSettings, num_partitions: int) -> Partitio
             alpha=settings.dirichlet_alpha,
             seed=settings.seed,
         )
+    if settings.partitioner == "natural-id":
+        # One partition per distinct value of the column: the number of nodes must match it.
+        return NaturalIdPartitioner(partition_by=settings.partition_by)
     size_skewed = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
     if settings.partitioner in size_skewed:
         return size_skewed[settings.partitioner](num_partitions=num_partitions)
@@ -167,6 +172,8 @@ def load_client_data(
         settings.name, settings.partitioner, settings.partition_by,
         settings.dirichlet_alpha, settings.seed, num_partitions,
     )
+    if settings.partitioner == "natural-id":
+        check_natural_id_count(federated, settings.partition_by, num_partitions)
     partition = to_prompt_completion(
         federated.load_partition(partition_id, "train"), ColumnMapping.from_settings(settings)
     )
@@ -177,17 +184,13 @@ def load_client_data(
     return split["train"], split["test"]
 
 
-def node_partition(node_config: dict) -> tuple[int, int]:
-    """Return (partition-id, num-partitions) from a node's config, as the simulation engine sets them."""
-    try:
-        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError) as error:
+def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:
+    """Fail with advice unless the federation has one node per distinct value of `column`."""
+    federated.load_partition(0, "train")  # makes the partitioner read the ids
+    num_ids = federated.partitioners["train"].num_partitions
+    if num_ids != num_partitions:
         raise DatasetSourceError(
-            "node config: 'partition-id' and 'num-partitions' are needed to pick this node's data "
-            f"partition; got {dict(node_config)}"
-        ) from error
-    if not 0 <= partition_id < num_partitions:
-        raise DatasetSourceError(
-            f"node config: partition-id must be in [0, num-partitions={num_partitions}), got {partition_id}"
+            f"dataset.partitioner='natural-id' gives one partition per distinct '{column}' value: "
+            f"{num_ids} here, but the federation has {num_partitions} nodes. Run it with "
+            f'--federation-config "num-supernodes={num_ids}", or use dataset.partitioner=\'dirichlet\''
         )
-    return partition_id, num_partitions

@@ -1,4 +1,4 @@
-"""Start-up checks of the training data, run by the server before the first round.
+"""Start-up checks of the training data: by the server before the first round, by a node on its own file.
 
 A bad data file would otherwise surface as an obscure error inside every client in round 1 (an
 empty JSONL file raises a bare StopIteration in `datasets`), or not at all: non-UTF-8 bytes are
@@ -14,7 +14,7 @@ from datasets import Dataset, load_dataset
 from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
-from flowertune_llm.config import AppConfig
+from flowertune_llm.config import DATA_PATH_KEY, AppConfig, NodeSettings
 from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
 
 TEXT_FORMATS = ("json", "csv")
@@ -49,6 +49,16 @@ def read_local_records(name: str, key: str = "dataset.name") -> Dataset | None:
     if len(records) == 0:
         raise DatasetSourceError(f"{key}: '{name}' holds no records")
     return records
+
+
+def check_node_data(node: NodeSettings) -> None:
+    """Fail with one clear message if this node's own data (node config `data-path`) cannot be read."""
+    if not node.data_path:
+        return
+    key = f"node config {DATA_PATH_KEY}"
+    if not Path(node.data_path).expanduser().exists():
+        raise DatasetSourceError(f"{key}: no such file or folder '{node.data_path}' on this SuperNode")
+    read_local_records(node.data_path, key=key)
 
 
 def check_training_data(config: AppConfig, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -179,6 +179,8 @@ class RunRecorder:
             parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
         if "server_eval_loss" in record:
             parts.append(f"| server eval loss {record['server_eval_loss']:.4f}")
+        if "privacy_epsilon" in record:
+            parts.append(f"| privacy spent: epsilon {record['privacy_epsilon']:.2f} at delta {record['privacy_delta']:g}")
         parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e}")
         parts.append(f"| {record['bytes_total'] / 1e6:.2f} MB sent so far | {record['elapsed_s']:.1f} s elapsed")
         return " ".join(parts)

@@ -39,7 +39,11 @@ def apps(run_config: dict, train: ClientHandler = client_app.train) -> tuple[Ser
     def _main(grid, context):
         server_app.main(grid, with_run_config(context, run_config))
 
-    @client.train()
+    def _give_run_config(msg: Message, context: Context, call_next) -> Message:
+        # Mods read the run config too, and they run before the handler.
+        return call_next(msg, with_run_config(context, run_config))
+
+    @client.train(mods=[_give_run_config, *client_app.TRAIN_MODS])
     def _train(msg, context):
         return train(msg, with_run_config(context, run_config))
 

@@ -1,6 +1,8 @@
 """The server's aggregation strategy: a Flower strategy plus the hooks a LoRA fine-tune needs.
 
-Aggregation itself is Flower's (FedAvg by default, weighted by each client's `num-examples`).
+Aggregation itself is Flower's: FedAvg by default (weighted by each client's `num-examples`), or
+FedProx, FedAdam, FedYogi, FedAdagrad or FedAvgM by `strategy.name`, optionally inside one of
+Flower's differential-privacy wrappers (privacy.py).
 `LoraRounds` adds, to whichever Flower strategy it is mixed into, what those strategies do not do:
 a learning rate that changes across rounds, adapters in a compact transfer precision, replies
 checked before they reach the average, and a record of each round (clients sampled, replied,
@@ -17,12 +19,13 @@ from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from flowertune_llm.adapters import from_array_record, record_bytes, to_array_record, to_float32
-from flowertune_llm.config import AppConfig
+from flowertune_llm.config import AppConfig, StrategySettings
 from flowertune_llm.replies import NUM_EXAMPLES_KEY, check_evaluate_reply, check_train_reply, metric_keys
 
 LEARNING_RATE_KEY = "learning-rate"
@@ -38,6 +41,11 @@ class LoraRounds:
     - replies are checked before aggregation: a malformed one is logged and left out, and with
       fewer than `min_train_replies` valid ones the round keeps the previous global adapter;
     - `round_stats[round]` keeps what happened: sampled, replied, failed, rejected, bytes, losses.
+
+    Flower's server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM) keep the global arrays they
+    were given in `configure_train` and step from them: those are the float32 arrays of the run,
+    because encoding for the wire happens here, after the strategy built its messages, and replies
+    are decoded to float32 before the strategy sees them.
     """
 
     def __init__(
@@ -47,10 +55,14 @@ class LoraRounds:
         transfer_dtype: str = "float32",
         min_train_replies: int = 1,
         round_offset: int = 0,
+        uniform_weights: bool = False,
         **strategy_args: Any,
     ) -> None:
         super().__init__(**strategy_args)
         self.learning_rate = learning_rate
+        # Count every client once instead of by examples (differential privacy calibrates its
+        # noise to a plain mean of clipped updates).
+        self.uniform_weights = uniform_weights
         self.transfer_dtype = transfer_dtype
         self.min_train_replies = min_train_replies
         self.round_offset = round_offset
@@ -90,6 +102,7 @@ class LoraRounds:
         replies = list(replies)
         stats = self.round_stats[run_round]
         failures = [reply for reply in replies if reply.has_error()]
+        self._log_lost_replies(run_round, "train", stats.get("train_sampled", 0), replies)
         valid = self._valid_replies(
             run_round, "train", [r for r in replies if not r.has_error()],
             lambda reply: check_train_reply(reply, self._sent, self.transfer_dtype),
@@ -98,6 +111,7 @@ class LoraRounds:
             train_replies=len(replies) - len(failures),
             train_failures=len(failures),
             train_rejected=len(replies) - len(failures) - len(valid),
+            train_examples=sum(int(reply.content["metrics"][NUM_EXAMPLES_KEY]) for reply in valid),
             bytes_up=sum(record_bytes(r.content["arrays"]) for r in replies if not r.has_error()
                          and isinstance(r.content.get("arrays"), ArrayRecord)),
         )
@@ -109,7 +123,14 @@ class LoraRounds:
         started = time.perf_counter()
         for reply in valid:
             reply.content["arrays"] = to_float32(reply.content["arrays"])
+            if self.uniform_weights:
+                reply.content["metrics"][NUM_EXAMPLES_KEY] = 1
         arrays, metrics = super().aggregate_train(server_round, valid + failures)
+        if arrays is not None:
+            # FedAdam's numpy scalars make float64 arrays; the global adapter stays float32.
+            arrays = to_float32(arrays)
+        else:  # e.g. a DP wrapper skips a round in which a client failed
+            stats["kept_previous_adapter"] = True
         stats["time_aggregate_s"] = round(time.perf_counter() - started, 4)
         if metrics is not None:
             # train_loss, and the clients' timings and memory (means weighted by examples).
@@ -132,6 +153,7 @@ class LoraRounds:
         run_round = self.run_round(server_round)
         replies = list(replies)
         failures = [reply for reply in replies if reply.has_error()]
+        self._log_lost_replies(run_round, "evaluate", self.round_stats[run_round].get("eval_sampled", 0), replies)
         valid = self._valid_replies(
             run_round, "evaluate", [r for r in replies if not r.has_error()], check_evaluate_reply
         )
@@ -147,6 +169,19 @@ class LoraRounds:
         if metrics is not None and "eval_loss" in metrics:
             stats["eval_loss"] = float(metrics["eval_loss"])
         return metrics
+
+    def _log_lost_replies(self, run_round: int, kind: str, sampled: int, replies: list[Message]) -> None:
+        """Say which sampled nodes did not deliver: an error reply (with Flower's reason) or none at all."""
+        for reply in replies:
+            if reply.has_error():
+                # The SuperLink answers for a node that stopped sending heartbeats (it left or died).
+                source = reply.metadata.src_node_id
+                who = "the SuperLink" if source == SUPERLINK_NODE_ID else f"node {source}"
+                log(WARNING, "Round %d: %s failed, reported by %s: %s", run_round, kind, who, reply.error.reason)
+        if sampled > len(replies):
+            log(WARNING, "Round %d: %d of %d sampled nodes sent no %s reply within strategy.round-timeout "
+                "(node stopped, disconnected or too slow); the round goes on without them",
+                run_round, sampled - len(replies), sampled, kind)
 
     def _valid_replies(
         self, run_round: int, kind: str, replies: list[Message], check: Callable[[Message], str | None]
@@ -169,19 +204,75 @@ class LoraFedAvg(LoraRounds, FedAvg):
     """Flower's FedAvg with the LoRA round hooks."""
 
 
-def build_strategy(
-    config: AppConfig, learning_rate: Callable[[int], float], round_offset: int = 0
-) -> Strategy:
-    """Return the configured Flower strategy with the LoRA round hooks mixed in."""
-    settings = config.strategy
-    return LoraFedAvg(
-        learning_rate=learning_rate,
-        transfer_dtype=config.transfer.dtype,
-        min_train_replies=settings.min_train_replies,
-        round_offset=round_offset,
+class LoraFedProx(LoraRounds, FedProx):
+    """Flower's FedProx (sends `proximal-mu`; clients add the proximal term) with the LoRA round hooks."""
+
+
+class LoraFedAdam(LoraRounds, FedAdam):
+    """Flower's FedAdam (server-side Adam on the averaged update) with the LoRA round hooks."""
+
+
+class LoraFedYogi(LoraRounds, FedYogi):
+    """Flower's FedYogi (server-side Yogi on the averaged update) with the LoRA round hooks."""
+
+
+class LoraFedAdagrad(LoraRounds, FedAdagrad):
+    """Flower's FedAdagrad (server-side Adagrad on the averaged update) with the LoRA round hooks."""
+
+
+class LoraFedAvgM(LoraRounds, FedAvgM):
+    """Flower's FedAvgM (server-side SGD with momentum on the averaged update) with the LoRA round hooks."""
+
+
+LORA_STRATEGIES: dict[str, type[LoraRounds]] = {
+    "fedavg": LoraFedAvg,
+    "fedprox": LoraFedProx,
+    "fedadam": LoraFedAdam,
+    "fedyogi": LoraFedYogi,
+    "fedadagrad": LoraFedAdagrad,
+    "fedavgm": LoraFedAvgM,
+}
+FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+    "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedavgm": FedAvgM,
+}
+
+
+def strategy_arguments(settings: StrategySettings) -> dict[str, Any]:
+    """Return the Flower constructor arguments of `strategy.name`: sampling plus its own parameters."""
+    arguments: dict[str, Any] = dict(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
         min_train_nodes=settings.min_train_nodes,
         min_evaluate_nodes=settings.min_evaluate_nodes,
         min_available_nodes=settings.min_available_nodes,
     )
+    if settings.name == "fedprox":
+        arguments.update(proximal_mu=settings.proximal_mu)
+    elif settings.name == "fedavgm":
+        arguments.update(server_learning_rate=settings.server_learning_rate, server_momentum=settings.server_momentum)
+    elif settings.name in ("fedadam", "fedyogi"):
+        arguments.update(eta=settings.eta, beta_1=settings.beta_1, beta_2=settings.beta_2, tau=settings.tau)
+    elif settings.name == "fedadagrad":
+        arguments.update(eta=settings.eta, tau=settings.tau)
+    return arguments
+
+
+def build_strategy(
+    config: AppConfig, learning_rate: Callable[[int], float], round_offset: int = 0
+) -> LoraRounds:
+    """Return the configured Flower strategy (in its privacy wrapper, if any) with the LoRA round hooks."""
+    hooks: dict[str, Any] = dict(
+        learning_rate=learning_rate,
+        transfer_dtype=config.transfer.dtype,
+        min_train_replies=config.strategy.min_train_replies,
+        round_offset=round_offset,
+    )
+    arguments = strategy_arguments(config.strategy)
+    if config.privacy.enabled:
+        # privacy.py builds on LoraRounds, so it is imported here rather than at the top.
+        from flowertune_llm.privacy import build_private_strategy
+
+        inner = FLOWER_STRATEGIES[config.strategy.name](**arguments)
+        return build_private_strategy(config, inner, **hooks)
+    return LORA_STRATEGIES[config.strategy.name](**hooks, **arguments)

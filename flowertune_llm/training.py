@@ -2,7 +2,8 @@
 
 The loss covers response tokens only: the data has `prompt` and `completion` columns, and trl
 masks the prompt's labels. The learning rate is constant within a round; it changes across rounds
-(`cosine_learning_rate`), as in the FlowerTune reference.
+(`cosine_learning_rate`), as in the FlowerTune reference. With FedProx the local objective gets
+the proximal term (mu/2)·||w − w_global||² over the LoRA weights (`ProximalTerm`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedTokenizerBase, PrinterCallback
+from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.config import TrainSettings
@@ -80,7 +81,9 @@ def _chunk_nll_sum(
     hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Return the summed negative log-likelihood of `targets` under the LM head, in fp32, for a chunk."""
-    logits = F.linear(hidden, weight, bias)
+    # Under the trainer's bf16 autocast the matmul is bf16 either way; outside it, as the LM head's
+    # own input cast does (model.py), bf16 too.
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
@@ -153,6 +156,29 @@ def _trainer(
     return trainer
 
 
+class ProximalTerm(TrainerCallback):
+    """FedProx's proximal term (mu/2)·||w − w_global||² over the trainable (LoRA) weights.
+
+    Its gradient, mu·(w − w_global), is added to each trainable weight's gradient once per optimizer
+    step, right before the step: exact whatever the gradient accumulation and however the trainer
+    scales the loss of micro-batches. It comes after gradient clipping, which bounds the data
+    gradient only. The reported training loss stays the data loss, comparable across strategies.
+    """
+
+    def __init__(self, model: PeftModel, mu: float) -> None:
+        self.mu = mu
+        # The global adapter as the trainer holds it (after trl's cast of LoRA weights to bf16).
+        self.anchors = [(weight, weight.detach().float().clone())
+                        for weight in model.parameters() if weight.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Add mu·(w − w_global) to each trainable weight's gradient."""
+        with torch.no_grad():
+            for weight, anchor in self.anchors:
+                if weight.grad is not None:
+                    weight.grad.add_((self.mu * (weight.float() - anchor)).to(weight.grad.dtype))
+
+
 @dataclass
 class LocalTraining:
     """Outcome of one client's local training: mean loss and the tokens it trained on."""
@@ -168,9 +194,10 @@ def train_adapter(
     settings: TrainSettings,
     learning_rate: float,
     seed: int,
+    proximal_mu: float = 0.0,
     compute_loss_func: Callable | None = None,
 ) -> LocalTraining:
-    """Train the model's LoRA weights for `settings.max_steps` steps.
+    """Train the model's LoRA weights for `settings.max_steps` steps (FedProx's term if `proximal_mu` > 0).
 
     By default trl computes the loss with its fused LM head, never holding the full logits;
     `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
@@ -181,6 +208,8 @@ def train_adapter(
             model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,
             compute_loss_func=compute_loss_func,
         )
+        if proximal_mu > 0:
+            trainer.add_callback(ProximalTerm(model, proximal_mu))
         loss = float(trainer.train().training_loss)
         return LocalTraining(loss=loss, tokens=int(trainer.state.num_input_tokens_seen))
 

@@ -1,16 +1,18 @@
-"""The round benchmark refuses bad arguments before running anything."""
+"""The benchmark scripts refuse bad arguments before running anything, and build what they say."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO_ROOT
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("round_benchmark", REPO_ROOT / "benchmarks" / "round_benchmark.py")
+def _benchmark(name: str = "round_benchmark"):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,3 +30,26 @@ def test_bad_arguments_stop_with_one_message(argv, message, capsys, tmp_path):
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_random_model_is_a_loadable_checkpoint_of_the_asked_shape(tmp_path, capsys):
+    folder = tmp_path / "random"
+    assert _benchmark("random_model").main([str(folder), "--hidden", "64", "--layers", "3",
+                                            "--intermediate", "96", "--heads", "4"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (64, 3)
+    count = sum(parameter.numel() for parameter in model.parameters())
+    assert f"{count / 1e6:.0f}M parameters" in capsys.readouterr().out
+    tokens = AutoTokenizer.from_pretrained(folder)("Give the opposite of hot.", return_tensors="pt")
+    assert torch.isfinite(model(**tokens).logits).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "100", "--heads", "16"], "--hidden (100) must be a multiple of --heads (16)"),
+    (["--layers", "0"], "--layers must be a positive integer, got 0"),
+])
+def test_random_model_refuses_bad_shapes(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _benchmark("random_model").main([str(tmp_path / "random"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "random").exists()

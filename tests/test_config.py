@@ -59,7 +59,7 @@ BAD_VALUES = [
     ("model.lora.target-modules", "q_proj;v_proj", "model.lora.target-modules must be 'all-linear'"),
     ("model.name", " ", "model.name must be a hub id, a local folder or 'builtin:tiny-llama'"),
     ("dataset.name", "", "dataset.name must be a hub id"),
-    ("dataset.partitioner", "random", "dataset.partitioner must be one of iid, dirichlet, linear, square, exponential, got 'random'"),
+    ("dataset.partitioner", "random", "dataset.partitioner must be one of iid, dirichlet, natural-id, linear, square, exponential, got 'random'"),
     ("dataset.partitioner", "dirichlet", "dataset.partition-by must be a column name when dataset.partitioner is 'dirichlet'"),
     ("dataset.dirichlet-alpha", 0.0, "dataset.dirichlet-alpha must be > 0, got 0.0"),
     ("dataset.validation-fraction", 0.9, "dataset.validation-fraction must be in [0, 0.5], got 0.9"),

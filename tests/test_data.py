@@ -19,7 +19,6 @@ from flowertune_llm.data import (
     DatasetSourceError,
     dataset_source,
     load_client_data,
-    node_partition,
     to_prompt_completion,
 )
 from flowertune_llm.model import build_peft_model, load_tokenizer
@@ -28,7 +27,8 @@ from flowertune_llm.server_eval import load_heldout_data
 from flowertune_llm.training import _trainer
 
 from conftest import default_run_config
-from flowertune_llm.config import parse_config
+from flowertune_llm.config import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
+from flowertune_llm.preflight import check_node_data
 
 
 def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):
@@ -114,12 +114,46 @@ def test_local_jsonl_file_works_as_dataset(tmp_path):
     assert len(train) + len(val) == 20
 
 
-def test_node_partition_needs_simulation_keys():
-    assert node_partition({"partition-id": 1, "num-partitions": 4}) == (1, 4)
-    with pytest.raises(DatasetSourceError, match="'partition-id' and 'num-partitions'"):
-        node_partition({})
-    with pytest.raises(DatasetSourceError, match="partition-id must be in"):
-        node_partition({"partition-id": 4, "num-partitions": 4})
+def test_node_config_gives_a_partition_or_the_nodes_own_file():
+    assert parse_node_config({"partition-id": 1, "num-partitions": 4}) == NodeSettings("", 1, 4)
+    assert parse_node_config({"data-path": "/data/mine.jsonl"}) == NodeSettings("/data/mine.jsonl", 0, 1)
+    assert parse_node_config({"data-path": "/d.jsonl", "partition-id": 1, "num-partitions": 2}) == NodeSettings("/d.jsonl", 1, 2)
+    assert parse_node_config({"data-path": "/d.jsonl", "quantized-cache-dir": "/cache"}).quantized_cache_dir == "/cache"
+    with pytest.raises(ConfigError, match="this SuperNode has no data.*data-path="):
+        parse_node_config({})
+    with pytest.raises(ConfigError, match="partition-id must be in"):
+        parse_node_config({"partition-id": 4, "num-partitions": 4})
+    with pytest.raises(ConfigError, match="must both be given"):
+        parse_node_config({"data-path": "/d.jsonl", "partition-id": 1})
+    with pytest.raises(ConfigError, match="data-path must be a string"):
+        parse_node_config({"data-path": 3})
+    with pytest.raises(ConfigError, match="quantized-cache-dir must be a string"):
+        parse_node_config({"partition-id": 0, "num-partitions": 1, "quantized-cache-dir": True})
+
+
+def test_node_trains_on_its_own_file_not_on_dataset_name(tmp_path, config):
+    path = tmp_path / "node.jsonl"
+    write_jsonl(generate_examples(50, seed=7), path)
+    node = parse_node_config({"data-path": str(path), "quantized-cache-dir": str(tmp_path / "cache")})
+    check_node_data(node)
+    node_config = for_node(config, node)
+    assert node_config.dataset.name == str(path) and node_config.model.quantized_cache_dir == str(tmp_path / "cache")
+    assert config.dataset.name == "builtin:tiny-instructions"  # the run's own settings are untouched
+    train, val = load_client_data(node_config.dataset, node.partition_id, node.num_partitions)
+    assert (len(train), len(val)) == (45, 5)
+    own = {(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in generate_examples(50, seed=7)}
+    assert set(zip(train["prompt"], train["completion"])) <= own
+    # A simulated node is unchanged: its slice of dataset.name.
+    simulated = parse_node_config({"partition-id": 0, "num-partitions": 3})
+    assert for_node(config, simulated) == config
+
+
+def test_unreadable_node_data_file_is_named(tmp_path):
+    with pytest.raises(DatasetSourceError, match="node config data-path: no such file"):
+        check_node_data(NodeSettings(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetSourceError, match="node config data-path: .* is empty"):
+        check_node_data(NodeSettings(str(tmp_path / "empty.jsonl")))
 
 
 def test_labels_mask_the_prompt_and_keep_the_response(config, tmp_path):
