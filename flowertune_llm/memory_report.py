@@ -293,13 +293,13 @@ def table(measurements: list[Measurement], settings: list[str], variants: list[s
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flowertune_llm.memory_report",
-                                     description=__doc__.split("\n\n")[0],
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", nargs="+", default=None,
                         help="preset names or files, 'tiny', 'cpu-mid' or 'cpu-16x512' (default: the reference's four "
                              "on a GPU, 'tiny' on a CPU)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["app"],
-                        help="what to measure (see the module docstring); default: app")
+                        help="what to measure (see above); default: app")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement")
     parser.add_argument("--run-config", default="", help='overrides for every setting: "key=value ..."')
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
