@@ -269,8 +269,7 @@ class Measurement:
 
     @property
     def peak_gb(self) -> float:
-        """Return the compared figure: peak reserved GPU memory (what nvidia-smi shows, less the
-        CUDA context), else peak RSS, in GB."""
+        """Return the compared figure in GB: peak reserved GPU memory where measured, else peak RSS."""
         figures = self.figures
         return figures.get("peak_gpu_reserved_mb", figures["peak_rss_mb"]) / 1024
 
@@ -286,7 +285,10 @@ def table(measurements: list[Measurement], settings: list[str], variants: list[s
     for variant in variants:
         rows.append([f"{unit}, {variant}", *(f"{by_key[(s, variant)].peak_gb:.2f} GB" for s in settings)])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    render = lambda cells: "| " + " | ".join(c.center(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def render(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.center(width) for cell, width in zip(cells, widths)) + " |"
+
     divider = "| " + " | ".join(":" + "-" * (w - 2) + ":" for w in widths) + " |"
     return "\n".join([render(header), divider, *(render(row) for row in rows)])
 
