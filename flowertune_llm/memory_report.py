@@ -5,11 +5,12 @@
         openllama-3b-8bit openllama-3b-4bit                        # GPU: the reference's four
     python -m flowertune_llm.memory_report --setting cpu-mid --variants reference-stack fused-loss app
 
-For each setting (a preset name, a preset file, `tiny` = the app's defaults, or `cpu-mid`) it builds
-one client's training exactly as a client does (the same quantized loading, k-bit preparation,
-LoRA and trl SFT trainer) and runs `--steps` real optimizer steps; then it reports the peak memory
-of that process: peak GPU memory on an NVIDIA GPU, peak resident memory (RSS) on a CPU. Every
-measurement runs in a fresh process, so one never inherits another's peak.
+For each setting (a preset name, a preset file, `tiny` = the app's defaults, or the CPU-sized
+random models `cpu-mid` and `cpu-16x512` of BUILTIN_SETTINGS) it builds one client's training
+exactly as a client does (the same quantized loading, k-bit preparation, LoRA and trl SFT trainer)
+and runs `--steps` real optimizer steps; then it reports the peak memory of that process: peak
+GPU memory on an NVIDIA GPU, peak resident memory (RSS) on a CPU. Every measurement runs in a
+fresh process, so one never inherits another's peak.
 
 No weights are needed: for the reference models it builds a checkpoint of the exact architecture
 (the public config values of OpenLLaMA 3B v2 / 7B v2 and Llama-2-7B) with random weights, once,
@@ -63,7 +64,7 @@ REFERENCE_TITLES = {
 BUILTIN_SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # Big enough vocabulary and width for the variants to differ measurably on a CPU, small enough
-    # for a few steps in minutes there: 140M parameters, the reference's LoRA and checkpointing.
+    # for a few steps in minutes there: 141M parameters, the reference's LoRA and checkpointing.
     "cpu-mid": {
         "model.name": "random:llama-mid",
         "model.gradient-checkpointing": True,
@@ -72,6 +73,17 @@ BUILTIN_SETTINGS: dict[str, dict[str, Any]] = {
         "model.lora.target-modules": "peft-default",
         "train.seq-length": 256,
         "train.batch-size": 4,
+    },
+    # The reference's batch and sequence length (8192 tokens a step) and vocabulary on a narrow,
+    # 4-layer Llama (45M parameters): the loss's share of memory at the reference's token count.
+    "cpu-16x512": {
+        "model.name": "random:llama-narrow",
+        "model.gradient-checkpointing": True,
+        "model.lora.r": 32,
+        "model.lora.alpha": 64,
+        "model.lora.target-modules": "peft-default",
+        "train.seq-length": 512,
+        "train.batch-size": 16,
     },
 }
 RANDOM_BUILD_VERSION = "v1"
@@ -96,6 +108,10 @@ def architecture(name: str):
         "random:llama-mid": dict(
             hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
+        "random:llama-narrow": dict(
+            hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
     }
     return LlamaConfig(**configs[name]) if name in configs else None
@@ -123,6 +139,8 @@ def ensure_random_checkpoint(name: str) -> Path:
             model = AutoModelForCausalLM.from_config(architecture(name), dtype=torch.bfloat16)
         model.save_pretrained(staging, safe_serialization=True)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # leave the GPU to the measuring processes
         build_tokenizer().save_pretrained(staging)
         os.replace(staging, target)
     finally:
@@ -190,6 +208,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                               "rss_after_imports_mb": _rss_mb()}
     config = parse_config(spec["run_config"])
     variant = spec["variant"]
+    torch.manual_seed(config.train.seed)  # the same LoRA initialisation in every variant's process
     started = time.perf_counter()
     model = build_peft_model(config.model, upcast_embeddings=variant != "app")
     result["load_s"] = time.perf_counter() - started
@@ -270,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", nargs="+", default=None,
-                        help="preset names or files, 'tiny' or 'cpu-mid' (default: the reference's four "
+                        help="preset names or files, 'tiny', 'cpu-mid' or 'cpu-16x512' (default: the reference's four "
                              "on a GPU, 'tiny' on a CPU)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["app"],
                         help="what to measure (see the module docstring); default: app")
