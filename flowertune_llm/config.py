@@ -104,6 +104,8 @@ class TrainSettings:
     seed: int = MISSING
     save_every_round: int = MISSING
     resume_from: str = MISSING
+    # 0: trl's fused LM head computes the loss; N > 0: the loss is computed N tokens at a time.
+    loss_chunk_tokens: int = MISSING
 
 
 @dataclass
@@ -291,6 +293,8 @@ def _check_values(config: AppConfig) -> list[str]:
             train.max_grad_norm, "> 0")
     require(bool(train.optimizer.strip()), "train.optimizer", train.optimizer,
             "a transformers optimizer name such as 'adamw_torch' or 'paged_adamw_8bit'")
+    require(train.loss_chunk_tokens >= 0, "train.loss-chunk-tokens", train.loss_chunk_tokens,
+            ">= 0 (0: trl's fused LM head; N: the loss computed N tokens at a time)")
     require(train.save_every_round >= 0, "train.save-every-round", train.save_every_round,
             ">= 0 (0 saves only the final adapter)")
     require(finite(strategy.fraction_train) and 0 < strategy.fraction_train <= 1,

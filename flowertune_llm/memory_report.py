@@ -23,6 +23,8 @@ Variants, all of which train the same adapter (same loss, same gradients):
                    copies of the frozen embedding and LM head: what the reference's stack did
   fused-loss       trl 1.16's fused LM head (loss in tiles, no full logits); fp32 embedding and head
   app              fused loss and the frozen embedding and LM head kept in bf16: what the app runs
+  chunked-loss     app with `train.loss-chunk-tokens=1024`: the loss from 1024 tokens' logits at a
+                   time, recomputed in the backward pass (the same gradients as reference-stack)
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS = REPO_ROOT / "presets"
 RESULT_PREFIX = "MEMORY-REPORT-RESULT "
-VARIANTS = ("reference-stack", "fused-loss", "app")
+VARIANTS = ("reference-stack", "fused-loss", "app", "chunked-loss")
+CHUNK_TOKENS = 1024  # the chunked-loss variant's train.loss-chunk-tokens, unless one is configured
 # The reference's "VRAM consumption" table (examples/flowertune-llm/README.md): per client, GB.
 REFERENCE_VRAM_GB = {
     "openllama-7b-8bit": 22.00,
@@ -210,12 +213,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
     torch.manual_seed(config.train.seed)  # the same LoRA initialisation in every variant's process
     started = time.perf_counter()
-    model = build_peft_model(config.model, upcast_embeddings=variant != "app")
+    model = build_peft_model(config.model, upcast_embeddings=variant in ("reference-stack", "fused-loss"))
     result["load_s"] = time.perf_counter() - started
     if on_gpu:
         result["gpu_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
     result["rss_after_load_mb"] = _rss_mb()
     train = config.train
+    if variant == "chunked-loss":
+        train.loss_chunk_tokens = train.loss_chunk_tokens or CHUNK_TOKENS
+    elif variant in ("reference-stack", "fused-loss"):
+        train.loss_chunk_tokens = 0
     examples = spec["steps"] * train.batch_size * train.gradient_accumulation_steps
     data = random_training_data(model.config.vocab_size, train.seq_length, examples, seed=train.seed)
     train.max_steps = spec["steps"]
@@ -286,13 +293,13 @@ def table(measurements: list[Measurement], settings: list[str], variants: list[s
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flowertune_llm.memory_report",
-                                     description=__doc__.split("\n\n")[0],
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", nargs="+", default=None,
                         help="preset names or files, 'tiny', 'cpu-mid' or 'cpu-16x512' (default: the reference's four "
                              "on a GPU, 'tiny' on a CPU)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["app"],
-                        help="what to measure (see the module docstring); default: app")
+                        help="what to measure (see above); default: app")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement")
     parser.add_argument("--run-config", default="", help='overrides for every setting: "key=value ..."')
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -75,6 +77,55 @@ def sft_config(
     )
 
 
+def _chunk_nll_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Return the summed negative log-likelihood of `targets` under the LM head, in fp32, for a chunk."""
+    # Under the trainer's bf16 autocast the matmul is bf16 either way; outside it, as the LM head's
+    # own input cast does (model.py), bf16 too.
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class ChunkedLossSFTTrainer(SFTTrainer):
+    """trl's SFT trainer with the training loss computed a chunk of tokens at a time.
+
+    The loss is the same as trl's (mean fp32 cross-entropy over the completion tokens, divided by
+    the tokens of the whole accumulated batch), but at most `chunk_tokens` x vocab logits exist at a
+    time: each chunk's LM head and cross-entropy are recomputed in the backward pass instead of
+    kept. trl's fused LM head tiles 4096 tokens x 32768 vocabulary entries, and on a CPU (no
+    Triton) it scores every position and folds each tile with several tile-sized fp32 temporaries:
+    measured, it held more memory there than the full logits did. Evaluation stays trl's.
+    """
+
+    def __init__(self, *args, chunk_tokens: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunk_tokens = chunk_tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Return the completion-token loss of the batch, chunk by chunk (trl's own when evaluating)."""
+        if not model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+        backbone_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "completion_mask")}
+        # Accelerate applies mixed precision by wrapping the model's forward, which is bypassed here.
+        with self.accelerator.autocast():
+            hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state
+            targets = inputs["labels"][:, 1:]
+            counted = targets != -100
+            hidden, targets = hidden[:, :-1][counted], targets[counted]
+            head = causal_lm.get_output_embeddings()
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, targets.numel(), self.chunk_tokens):
+                end = start + self.chunk_tokens
+                total = total + checkpoint(
+                    _chunk_nll_sum, hidden[start:end], targets[start:end], head.weight, head.bias,
+                    use_reentrant=False,
+                )
+        tokens = counted.sum() if num_items_in_batch is None else num_items_in_batch
+        return total / torch.as_tensor(tokens, device=total.device).clamp(min=1)
+
+
 def _trainer(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -90,7 +141,9 @@ def _trainer(
     # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
     bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
-    trainer = SFTTrainer(
+    chunked = {"chunk_tokens": settings.loss_chunk_tokens} if settings.loss_chunk_tokens else {}
+    trainer = (ChunkedLossSFTTrainer if chunked else SFTTrainer)(
+        **chunked,
         model=model,
         args=sft_config(settings, learning_rate, seed, output_dir, bf16=bf16, checkpointing=checkpointing),
         train_dataset=train_data,
