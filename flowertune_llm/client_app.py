@@ -17,8 +17,8 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
-from flowertune_llm.config import AppConfig, parse_config, parse_node_config
-from flowertune_llm.data import load_node_data
+from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
+from flowertune_llm.data import load_client_data
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
 from flowertune_llm.preflight import check_node_data
@@ -43,6 +43,12 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _settings(context: Context) -> tuple[AppConfig, NodeSettings]:
+    """Return the run's settings as this node applies them, and what the node's config sets."""
+    node = parse_node_config(context.node_config)
+    return for_node(parse_config(context.run_config), node), node
+
+
 def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTimer) -> PeftModel:
     """Build (or reuse) the quantized PEFT model and load the global adapter the server sent."""
     with timer.phase("base"):
@@ -57,11 +63,10 @@ def train(msg: Message, context: Context) -> Message:
     """Fine-tune the global adapter locally and return it with the training loss."""
     _quiet_progress_bars()
     timer = PhaseTimer()
-    config = parse_config(context.run_config)
-    node = parse_node_config(context.node_config)
+    config, node = _settings(context)
     with timer.phase("data"):
         check_node_data(node)
-        train_data, _ = load_node_data(config.dataset, node)
+        train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     model = _model_with_global_adapter(config, msg, timer)
     round_config = msg.content["config"]
     with timer.phase("train"):
@@ -90,10 +95,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss on this node's held-out share."""
     _quiet_progress_bars()
-    config = parse_config(context.run_config)
-    node = parse_node_config(context.node_config)
+    config, node = _settings(context)
     check_node_data(node)
-    _, eval_data = load_node_data(config.dataset, node)
+    _, eval_data = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     if eval_data is None or len(eval_data) == 0:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
     model = _model_with_global_adapter(config, msg, PhaseTimer())

@@ -469,22 +469,25 @@ def _one_message(problems: list[str]) -> str:
     return f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)
 
 
-# --- Node config: which data this node trains on -------------------------------------------------
-# The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`; a real
-# SuperNode is a data owner and names its own file: `flower-supernode --node-config "data-path=..."`.
+# --- Node config: what a node sets for itself ---------------------------------------------------
+# The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`. A real
+# SuperNode is a data owner: it names its own data file, and may name a folder on its disk for the
+# quantized-base cache: `flower-supernode --node-config "data-path='...' quantized-cache-dir='...'"`.
 
 DATA_PATH_KEY = "data-path"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
+QUANTIZED_CACHE_DIR_KEY = "quantized-cache-dir"
 
 
 @dataclass(frozen=True)
-class NodeData:
-    """This node's data: `data_path` (its own file, replacing dataset.name) or a slice of dataset.name."""
+class NodeSettings:
+    """What a node's config sets: its own data (`data_path`, else a slice of dataset.name), its cache folder."""
 
     data_path: str = ""
     partition_id: int = 0
     num_partitions: int = 1
+    quantized_cache_dir: str = ""
 
     @property
     def seed_offset(self) -> int:
@@ -494,17 +497,24 @@ class NodeData:
         return self.partition_id
 
 
-def parse_node_config(node_config: Mapping[str, Any]) -> NodeData:
-    """Return which data this node trains on, from its node config, or raise `ConfigError`.
+def _node_string(node_config: Mapping[str, Any], key: str) -> str:
+    value = node_config.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"node config: {key} must be a string (a path), got {value!r}")
+    return value.strip()
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Return what this node's config sets, or raise `ConfigError`.
 
     `data-path` gives the node its own local file or folder (deployment); `partition-id` and
     `num-partitions` pick a slice of it, or of `dataset.name` when there is no `data-path` (simulation).
+    `quantized-cache-dir` sets `model.quantized-cache-dir` for this node only.
     """
-    data_path = node_config.get(DATA_PATH_KEY, "")
-    if not isinstance(data_path, str):
-        raise ConfigError(f"node config: {DATA_PATH_KEY} must be a string (a file or folder path), got {data_path!r}")
+    data_path = _node_string(node_config, DATA_PATH_KEY)
+    cache_dir = _node_string(node_config, QUANTIZED_CACHE_DIR_KEY)
     has_partition = PARTITION_ID_KEY in node_config or NUM_PARTITIONS_KEY in node_config
-    if not data_path.strip() and not has_partition:
+    if not data_path and not has_partition:
         raise ConfigError(
             f"node config: this SuperNode has no data. Give it its own file with "
             f"`flower-supernode --node-config \"{DATA_PATH_KEY}='/path/to/train.jsonl'\"` (deployment), or "
@@ -512,7 +522,7 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeData:
             f"got {dict(node_config)}"
         )
     if not has_partition:
-        return NodeData(data_path=data_path.strip())
+        return NodeSettings(data_path=data_path, quantized_cache_dir=cache_dir)
     try:
         partition_id = node_config[PARTITION_ID_KEY]
         num_partitions = node_config[NUM_PARTITIONS_KEY]
@@ -528,4 +538,14 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeData:
         raise ConfigError(
             f"node config: {PARTITION_ID_KEY} must be in [0, {NUM_PARTITIONS_KEY}={num_partitions}), got {partition_id}"
         )
-    return NodeData(data_path=data_path.strip(), partition_id=partition_id, num_partitions=num_partitions)
+    return NodeSettings(data_path, partition_id, num_partitions, cache_dir)
+
+
+def for_node(config: AppConfig, node: NodeSettings) -> AppConfig:
+    """Return the run's settings as this node applies them: its own data file and cache folder, if set."""
+    dataset, model = config.dataset, config.model
+    if node.data_path:
+        dataset = dataclasses.replace(dataset, name=node.data_path)
+    if node.quantized_cache_dir:
+        model = dataclasses.replace(model, quantized_cache_dir=node.quantized_cache_dir)
+    return dataclasses.replace(config, dataset=dataset, model=model)

@@ -1,14 +1,13 @@
 """Client data: load the instruction dataset, take this node's partition, split off validation.
 
-Flower Datasets partitions the dataset over the federation's nodes (in a deployment, each node's own
-file from its node config takes the place of `dataset.name`); each record becomes an Alpaca
+Flower Datasets partitions the dataset over the federation's nodes (in a deployment, a node's own
+file, its node config's `data-path`, takes the place of `dataset.name`); each record becomes an Alpaca
 `prompt` and the `completion` to learn, the two columns trl's SFTTrainer uses to compute the loss
 on response tokens only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from flwr_datasets.partitioner import (
 )
 
 from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
-from flowertune_llm.config import DatasetSettings, NodeData
+from flowertune_llm.config import DatasetSettings
 from flowertune_llm.prompts import alpaca_prompt
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
@@ -183,14 +182,6 @@ def load_client_data(
     # A fixed seed keeps the held-out share identical in every round and every run.
     split = partition.train_test_split(test_size=settings.validation_fraction, seed=settings.seed)
     return split["train"], split["test"]
-
-
-def load_node_data(settings: DatasetSettings, node: NodeData) -> tuple[Dataset, Dataset | None]:
-    """Return this node's (training, validation) data: its slice of its own file or of dataset.name."""
-    if node.data_path:
-        # Same loading, partitioning and held-out split as dataset.name, over the node's own data.
-        settings = dataclasses.replace(settings, name=node.data_path)
-    return load_client_data(settings, node.partition_id, node.num_partitions)
 
 
 def check_natural_id_count(federated: FederatedDataset, column: str, num_partitions: int) -> None:

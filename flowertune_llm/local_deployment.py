@@ -1,8 +1,9 @@
 """A real Flower deployment on this machine: one SuperLink and N SuperNodes, TLS and node authentication.
 
-Every process is Flower's own binary (`flower-superlink`, `flower-supernode`) and every admin step is
-Flower's CLI (`flwr supernode register`, `flwr supernode list`); this module only prepares files,
-picks free loopback ports, starts the processes and remembers their PIDs:
+Every process is Flower's own binary (`flower-superlink`, `flower-supernode`), every admin step
+Flower's CLI (`flwr supernode register`, `flwr supernode list`), and the connection is written with
+Flower's own config-file functions (flwr 1.42 has no command for it); this module only prepares
+files, picks free loopback ports, starts the processes and remembers their PIDs:
     python -m flowertune_llm.local_deployment up --supernodes 2     # then: flwr run . remote-deployment --stream
     python -m flowertune_llm.local_deployment down
 `up` writes, under `--dir` (default `local-deployment/`, git-ignored, so never bundled into the app):
@@ -117,9 +118,9 @@ def flower_binary(name: str) -> str:
 
 
 def start_process(command: list[str], log: Path, cwd: Path | None = None) -> int:
-    """Start `command` in a process group of its own, its output appended to `log`; return its PID."""
+    """Start `command` in a process group of its own, its output written to `log`; return its PID."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as stream:
+    with log.open("wb") as stream:
         process = subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env=flower_environment(), start_new_session=True,
@@ -341,6 +342,7 @@ def up(
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cli_log = logs / "flwr-cli.log"
+    cli_log.write_text("", encoding="utf-8")
 
     tls = make_tls_files(folder / "certificates")
     keys = [make_supernode_key(folder / "supernode-keys", f"supernode-{i}") for i in range(num_supernodes)]
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start a SuperLink and SuperNodes")
-    start.add_argument("--supernodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    start.add_argument("--supernodes", type=int, default=None,
+                       help="number of SuperNodes (default: one per --data-files file, else 2)")
     start.add_argument("--data-files", type=Path, nargs="+", default=[],
                        help="one data file per SuperNode (default: the built-in data split over the nodes)")
     start.add_argument("--connection", default=DEFAULT_CONNECTION,
@@ -406,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            if args.supernodes < 1:
+            supernodes = args.supernodes if args.supernodes is not None else (len(args.data_files) or 2)
+            if supernodes < 1:
                 parser.error("--supernodes must be >= 1")
-            deployment = up(args.dir, args.supernodes, args.data_files, args.connection)
+            deployment = up(args.dir, supernodes, args.data_files, args.connection)
             print(f"SuperLink {deployment.address} (TLS, SuperNode authentication on), PID "
                   f"{deployment.process('superlink').pid}")
             for process, node_id, data in zip(deployment.processes[1:], deployment.node_ids, deployment.data_files):

@@ -146,15 +146,22 @@ def _keep_frozen_embeddings_in_compute_dtype(model: PreTrainedModel) -> None:
     `prepare_model_for_kbit_training` upcasts every weight bitsandbytes did not quantize to fp32,
     the embedding and the LM head included: 4 bytes instead of 2 for 2 x vocab x width values
     (+410 MB for OpenLLaMA 3B, +525 MB for 7B). Both are frozen and hold bf16 values, so back in
-    bf16 they hold exactly the same numbers; the LM head only runs under bf16 autocast (trl's fused
-    head), which casts an fp32 weight to bf16 anyway; the embedding's output is cast to fp32, which
-    is what its fp32 copy returned, so the residual stream keeps its precision.
+    bf16 they hold exactly the same numbers; in training the LM head runs under bf16 autocast (trl's
+    fused head), which casts an fp32 weight to bf16 anyway, and its input is cast to bf16 here too,
+    so a call outside autocast computes the same; the embedding's output is cast to fp32, which is
+    what its fp32 copy returned, so the residual stream keeps its precision.
     """
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     for module in {embedding, head}:
         if module is not None and module.weight.dtype == torch.float32:
             module.weight.data = module.weight.data.to(COMPUTE_DTYPE)
     embedding.register_forward_hook(lambda module, inputs, output: output.float())
+    if head is not None and head is not embedding and head.weight.dtype == COMPUTE_DTYPE:
+        head.register_forward_pre_hook(
+            lambda module, inputs: tuple(
+                value.to(COMPUTE_DTYPE) if torch.is_floating_point(value) else value for value in inputs
+            )
+        )
 
 
 def default_device_map() -> dict[str, int | str]:

@@ -14,7 +14,7 @@ from datasets import Dataset, load_dataset
 from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
-from flowertune_llm.config import DATA_PATH_KEY, AppConfig, NodeData
+from flowertune_llm.config import DATA_PATH_KEY, AppConfig, NodeSettings
 from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
 
 TEXT_FORMATS = ("json", "csv")
@@ -51,7 +51,7 @@ def read_local_records(name: str, key: str = "dataset.name") -> Dataset | None:
     return records
 
 
-def check_node_data(node: NodeData) -> None:
+def check_node_data(node: NodeSettings) -> None:
     """Fail with one clear message if this node's own data (node config `data-path`) cannot be read."""
     if not node.data_path:
         return

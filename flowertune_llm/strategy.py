@@ -19,6 +19,7 @@ from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
@@ -173,8 +174,10 @@ class LoraRounds:
         """Say which sampled nodes did not deliver: an error reply (with Flower's reason) or none at all."""
         for reply in replies:
             if reply.has_error():
-                log(WARNING, "Round %d: %s failed on node %d: %s", run_round, kind,
-                    reply.metadata.src_node_id, reply.error.reason)
+                # The SuperLink answers for a node that stopped sending heartbeats (it left or died).
+                source = reply.metadata.src_node_id
+                who = "the SuperLink" if source == SUPERLINK_NODE_ID else f"node {source}"
+                log(WARNING, "Round %d: %s failed, reported by %s: %s", run_round, kind, who, reply.error.reason)
         if sampled > len(replies):
             log(WARNING, "Round %d: %d of %d sampled nodes sent no %s reply within strategy.round-timeout "
                 "(node stopped, disconnected or too slow); the round goes on without them",

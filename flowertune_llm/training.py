@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,7 @@ def _trainer(
     output_dir: str,
     train_data: Dataset,
     eval_data: Dataset | None = None,
+    compute_loss_func: Callable | None = None,
 ) -> SFTTrainer:
     base = model.get_base_model()
     # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
@@ -94,6 +96,7 @@ def _trainer(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
+        compute_loss_func=compute_loss_func,
     )
     # One printed dict per step from every client drowns the server's round summaries.
     trainer.remove_callback(PrinterCallback)
@@ -139,11 +142,18 @@ def train_adapter(
     learning_rate: float,
     seed: int,
     proximal_mu: float = 0.0,
+    compute_loss_func: Callable | None = None,
 ) -> LocalTraining:
-    """Train the model's LoRA weights for `settings.max_steps` steps (FedProx's term if `proximal_mu` > 0)."""
+    """Train the model's LoRA weights for `settings.max_steps` steps (FedProx's term if `proximal_mu` > 0).
+
+    By default trl computes the loss with its fused LM head, never holding the full logits;
+    `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
+    report does to measure what the fused head saves.
+    """
     with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
-            model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data
+            model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,
+            compute_loss_func=compute_loss_func,
         )
         if proximal_mu > 0:
             trainer.add_callback(ProximalTerm(model, proximal_mu))

@@ -36,6 +36,8 @@ def test_run_config_round_trips_through_saved_toml(config):
 def test_target_modules_list():
     config = parse_config(default_run_config(**{"model.lora.target-modules": "q_proj, v_proj"}))
     assert config.model.lora.target_module_list == ["q_proj", "v_proj"]
+    # peft's per-architecture default is peft's target_modules=None.
+    assert parse_config(default_run_config(**{"model.lora.target-modules": "peft-default"})).model.lora.target_module_list is None
 
 
 def test_integer_accepted_for_float_key():

@@ -19,7 +19,6 @@ from flowertune_llm.data import (
     DatasetSourceError,
     dataset_source,
     load_client_data,
-    load_node_data,
     to_prompt_completion,
 )
 from flowertune_llm.model import build_peft_model, load_tokenizer
@@ -28,7 +27,7 @@ from flowertune_llm.server_eval import load_heldout_data
 from flowertune_llm.training import _trainer
 
 from conftest import default_run_config
-from flowertune_llm.config import ConfigError, NodeData, parse_config, parse_node_config
+from flowertune_llm.config import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
 from flowertune_llm.preflight import check_node_data
 
 
@@ -116,9 +115,10 @@ def test_local_jsonl_file_works_as_dataset(tmp_path):
 
 
 def test_node_config_gives_a_partition_or_the_nodes_own_file():
-    assert parse_node_config({"partition-id": 1, "num-partitions": 4}) == NodeData("", 1, 4)
-    assert parse_node_config({"data-path": "/data/mine.jsonl"}) == NodeData("/data/mine.jsonl", 0, 1)
-    assert parse_node_config({"data-path": "/d.jsonl", "partition-id": 1, "num-partitions": 2}) == NodeData("/d.jsonl", 1, 2)
+    assert parse_node_config({"partition-id": 1, "num-partitions": 4}) == NodeSettings("", 1, 4)
+    assert parse_node_config({"data-path": "/data/mine.jsonl"}) == NodeSettings("/data/mine.jsonl", 0, 1)
+    assert parse_node_config({"data-path": "/d.jsonl", "partition-id": 1, "num-partitions": 2}) == NodeSettings("/d.jsonl", 1, 2)
+    assert parse_node_config({"data-path": "/d.jsonl", "quantized-cache-dir": "/cache"}).quantized_cache_dir == "/cache"
     with pytest.raises(ConfigError, match="this SuperNode has no data.*data-path="):
         parse_node_config({})
     with pytest.raises(ConfigError, match="partition-id must be in"):
@@ -127,30 +127,33 @@ def test_node_config_gives_a_partition_or_the_nodes_own_file():
         parse_node_config({"data-path": "/d.jsonl", "partition-id": 1})
     with pytest.raises(ConfigError, match="data-path must be a string"):
         parse_node_config({"data-path": 3})
+    with pytest.raises(ConfigError, match="quantized-cache-dir must be a string"):
+        parse_node_config({"partition-id": 0, "num-partitions": 1, "quantized-cache-dir": True})
 
 
 def test_node_trains_on_its_own_file_not_on_dataset_name(tmp_path, config):
     path = tmp_path / "node.jsonl"
     write_jsonl(generate_examples(50, seed=7), path)
-    node = parse_node_config({"data-path": str(path)})
+    node = parse_node_config({"data-path": str(path), "quantized-cache-dir": str(tmp_path / "cache")})
     check_node_data(node)
-    train, val = load_node_data(config.dataset, node)
+    node_config = for_node(config, node)
+    assert node_config.dataset.name == str(path) and node_config.model.quantized_cache_dir == str(tmp_path / "cache")
+    assert config.dataset.name == "builtin:tiny-instructions"  # the run's own settings are untouched
+    train, val = load_client_data(node_config.dataset, node.partition_id, node.num_partitions)
     assert (len(train), len(val)) == (45, 5)
-    own = {(r["instruction"], r["input"], r["output"]) for r in generate_examples(50, seed=7)}
-    assert {(p, c) for p, c in zip(train["prompt"], train["completion"])} <= {
-        (alpaca_prompt(i, x), o) for i, x, o in own
-    }
-    # Same partitioning and held-out split as dataset.name: a simulation node is unchanged.
-    simulated = load_node_data(config.dataset, parse_node_config({"partition-id": 0, "num-partitions": 3}))
-    assert simulated[0]["prompt"] == load_client_data(config.dataset, 0, 3)[0]["prompt"]
+    own = {(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in generate_examples(50, seed=7)}
+    assert set(zip(train["prompt"], train["completion"])) <= own
+    # A simulated node is unchanged: its slice of dataset.name.
+    simulated = parse_node_config({"partition-id": 0, "num-partitions": 3})
+    assert for_node(config, simulated) == config
 
 
 def test_unreadable_node_data_file_is_named(tmp_path):
     with pytest.raises(DatasetSourceError, match="node config data-path: no such file"):
-        check_node_data(NodeData(str(tmp_path / "missing.jsonl")))
+        check_node_data(NodeSettings(str(tmp_path / "missing.jsonl")))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DatasetSourceError, match="node config data-path: .* is empty"):
-        check_node_data(NodeData(str(tmp_path / "empty.jsonl")))
+        check_node_data(NodeSettings(str(tmp_path / "empty.jsonl")))
 
 
 def test_labels_mask_the_prompt_and_keep_the_response(config, tmp_path):

@@ -1,8 +1,8 @@
 """The simulation federations shipped in federations/: each parses as Flower parses it, and runs as declared.
 
-`flwr run . --federation-config federations/<name>.toml` takes Flower's simulation settings;
-`--run-config federations/<name>.run-config.toml` the app settings that go with it (how many of
-the nodes are sampled per round).
+`flwr run . --federation-config federations/<name>.toml` takes Flower's simulation settings; each
+file's comment names the preset (`--run-config presets/<name>.toml`, app settings) that goes with it,
+which says how many of the nodes are sampled per round.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from flower_env import flwr, local_superlink_pids, private_flwr_env, stop_pids
 from flowertune_llm.config import parse_config
 
 FEDERATIONS = REPO_ROOT / "federations"
-FEDERATION_FILES = sorted(p for p in FEDERATIONS.glob("*.toml") if not p.name.endswith(".run-config.toml"))
-RUN_CONFIG_FILES = sorted(FEDERATIONS.glob("*.run-config.toml"))
+FEDERATION_FILES = sorted(FEDERATIONS.glob("*.toml"))
 
 
 def simulation_config(path: Path) -> SimulationConfig:
@@ -32,9 +31,9 @@ def simulation_config(path: Path) -> SimulationConfig:
 
 
 def paired_run_config(federation: Path) -> Path:
-    """Return the run-config file a federation file's documented command uses."""
-    match = re.search(r"--run-config (federations/\S+\.run-config\.toml)", federation.read_text())
-    assert match, f"{federation.name} documents no `--run-config federations/...` command"
+    """Return the preset a federation file's documented command runs with."""
+    match = re.search(r"--run-config (presets/\S+\.toml)", federation.read_text())
+    assert match, f"{federation.name} documents no `--run-config presets/...` command"
     return REPO_ROOT / match.group(1)
 
 
@@ -45,7 +44,7 @@ def sampled_per_round(num_nodes: int, fraction: float, min_nodes: int) -> int:
 
 def test_the_reference_federations_are_shipped():
     names = {path.stem for path in FEDERATION_FILES}
-    assert {"small-cpu", "reference-gpu", "reference-half-gpu"} <= names
+    assert {"small-cpu", "reference-cpu", "reference-gpu", "reference-half-gpu"} <= names
     assert simulation_config(FEDERATIONS / "reference-gpu.toml").client_resources_num_gpus == 1.0
     assert simulation_config(FEDERATIONS / "reference-half-gpu.toml").client_resources_num_gpus == 0.5
 
@@ -58,17 +57,12 @@ def test_federation_file_is_a_valid_simulation_config(federation):
     assert 0.0 <= config.client_resources_num_gpus <= 1.0
 
 
-@pytest.mark.parametrize("run_config_file", RUN_CONFIG_FILES, ids=lambda path: path.name)
-def test_run_config_file_parses_over_the_defaults(run_config_file):
-    overrides = parse_config_args([str(run_config_file)])
-    assert set(overrides) <= set(default_run_config()), "flwr run refuses keys pyproject.toml does not declare"
-    parse_config(default_run_config(**overrides))
-
-
 @pytest.mark.parametrize("federation", FEDERATION_FILES, ids=lambda path: path.name)
 def test_federation_and_its_run_config_sample_what_they_declare(federation):
     nodes = simulation_config(federation).num_supernodes
-    strategy = parse_config(default_run_config(**parse_config_args([str(paired_run_config(federation))]))).strategy
+    overrides = parse_config_args([str(paired_run_config(federation))])
+    assert set(overrides) <= set(default_run_config()), "flwr run refuses keys pyproject.toml does not declare"
+    strategy = parse_config(default_run_config(**overrides)).strategy
     assert strategy.min_available_nodes <= nodes, "sampling would wait forever for nodes that never come"
     train = sampled_per_round(nodes, strategy.fraction_train, strategy.min_train_nodes)
     assert strategy.min_train_replies <= train <= nodes
@@ -83,7 +77,7 @@ def test_small_federation_runs_and_samples_as_declared(tmp_path):
     """`flwr run` with the shipped small federation: 4 simulated SuperNodes, 2 sampled per round."""
     federation = FEDERATIONS / "small-cpu.toml"
     results = tmp_path / "results"
-    # `--run-config` takes one TOML file or key=values, not both: extend a copy of the shipped file.
+    # `--run-config` takes one TOML file or key=values, not both: extend a copy of the shipped preset.
     run_config = tmp_path / "run-config.toml"
     run_config.write_text(paired_run_config(federation).read_text() + (
         f"num-server-rounds = 2\ntrain.max-steps = 3\nresults.dir = '{results}'\nresults.run-name = 'small'\n"

@@ -65,12 +65,14 @@ def test_evaluating_does_not_change_how_a_4bit_model_trains(config):
         for name, parameter in model.named_parameters():
             if "lora_" in name:  # non-zero B, so that A gets gradients too
                 parameter.data = torch.randn_like(parameter) * 0.05
-        if evaluate_first:
-            model.eval()
-            with torch.no_grad():
-                model(tokens)
-        model.train()
-        model(tokens, labels=tokens).loss.backward()
+        # Forward passes under bf16 autocast, as the trainer runs them on a quantized base.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if evaluate_first:
+                model.eval()
+                with torch.no_grad():
+                    model(tokens)
+            model.train()
+            model(tokens, labels=tokens).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
     plain, after_evaluation = lora_gradients(False), lora_gradients(True)

@@ -174,3 +174,19 @@ def test_malformed_evaluate_reply_is_left_out_of_the_average():
     assert metrics["eval_loss"] == pytest.approx(2.0)
     assert strategy.round_stats[1]["eval_rejected"] == 1
     assert np.isfinite(strategy.round_stats[1]["eval_loss"])
+
+
+def test_lost_and_failed_nodes_are_logged_and_the_round_goes_on(caplog):
+    strategy, sent = _strategy(nodes=3)
+    # Node 1 is the SuperLink's own ID in Flower (it answers for lost nodes): let node 1 be the good one.
+    sent.sort(key=lambda message: message.metadata.dst_node_id)
+    failed = Message(Error(code=0, reason="client raised"), reply_to=sent[1])
+    # sent[2]'s node never answers (stopped mid-round): its reply is simply absent at the timeout.
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], A, examples=30), failed])
+    assert torch.allclose(arrays.to_torch_state_dict()["x.lora_A.weight"], A["x.lora_A.weight"])
+    stats = strategy.round_stats[1]
+    assert (stats["train_sampled"], stats["train_replies"], stats["train_failures"]) == (3, 1, 1)
+    assert stats["train_examples"] == 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"Round 1: train failed, reported by node {sent[1].metadata.dst_node_id}: client raised" in warnings
+    assert any("1 of 3 sampled nodes sent no train reply within strategy.round-timeout" in w for w in warnings)

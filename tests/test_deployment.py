@@ -1,0 +1,183 @@
+"""A real Flower deployment on loopback: `flwr run . remote-deployment` through a SuperLink and SuperNodes.
+
+`python -m flowertune_llm.local_deployment up` starts a `flower-superlink` (TLS, SuperNode
+authentication on) and two `flower-supernode` processes, each a data owner with its own file, in a
+private Flower home on free ports; `down` stops them by PID. The tests check that the app trains
+through it as in simulation, that a SuperNode with an unregistered key is refused, and that a
+SuperNode killed mid-round costs the run a timeout, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from flower_env import flwr, private_flwr_env
+from flowertune_llm.builtin_data import generate_examples, write_jsonl
+from flowertune_llm.credentials import make_supernode_key
+from flowertune_llm.local_deployment import (
+    Deployment,
+    is_running,
+    process_tree,
+    stop_process_tree,
+    supernode_command,
+)
+
+pytestmark = pytest.mark.slow
+
+CONNECTION = "remote-deployment"
+# Records in each node's own file; 10% is held out, so the nodes train on 90 and 126 examples.
+NODE_RECORDS = (100, 140)
+NODE_TRAIN_EXAMPLES = (90, 126)
+# Short runs: 2 rounds of 2 local steps, no client evaluation (each message is a new client process).
+RUN = "num-server-rounds=2 train.max-steps=2 strategy.fraction-evaluate=0.0"
+
+
+def _launcher(arguments: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowertune_llm.local_deployment", *arguments],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A running local deployment (SuperLink + 2 SuperNodes), its environment and working folder."""
+    root = tmp_path_factory.mktemp("deployment")
+    env = private_flwr_env(root / "flwr-home")
+    files = []
+    for index, count in enumerate(NODE_RECORDS):
+        files.append(root / f"owner-{index}" / "train.jsonl")
+        write_jsonl(generate_examples(count, seed=100 + index), files[-1])
+    folder = root / "local-deployment"
+    started = _launcher(["up", "--supernodes", "2", "--data-files", *map(str, files), "--dir", str(folder)], env, root)
+    assert started.returncode == 0, started.stdout + started.stderr
+    state = Deployment.load(folder)
+    try:
+        yield state, env, root
+    finally:
+        stopped = _launcher(["down", "--dir", str(folder)], env, root)
+        for process in state.processes:  # a safety net, if `down` failed
+            stop_process_tree(process)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not any(is_running(process.pid) for process in state.processes)
+        assert not (folder / "deployment.json").exists()
+        assert CONNECTION not in flower_config(env)["superlink"]
+
+
+def flower_config(env: dict[str, str]) -> dict:
+    """Return the Flower config file of the test's Flower home."""
+    return tomllib.loads((Path(env["FLWR_HOME"]) / "config.toml").read_text())
+
+
+def _online_nodes(env: dict[str, str]) -> set[int]:
+    listed = flwr(["supernode", "list", CONNECTION, "--format", "json"], env, timeout=60)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    nodes = json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+    return {int(node["node-id"]) for node in nodes if node["status"] == "online"}
+
+
+def _rounds(folder: Path) -> list[dict]:
+    return json.loads((folder / "metrics.json").read_text())["rounds"]
+
+
+def test_app_trains_through_superlink_and_supernodes_over_tls(deployment):
+    state, env, root = deployment
+    assert flower_config(env)["superlink"][CONNECTION] == {"address": state.address, "root-certificates": state.ca_certificate}
+    assert "Uvicorn running on https://" in Path(state.process("superlink").log).read_text()
+    assert _online_nodes(env) == set(state.node_ids)
+
+    # A SuperNode whose key was never registered tries to join while the run goes on.
+    rogue_key = make_supernode_key(root / "rogue", "rogue")
+    rogue_log = root / "rogue" / "supernode.log"
+    with rogue_log.open("wb") as log:
+        rogue = subprocess.Popen(
+            supernode_command(state.address, Path(state.ca_certificate), rogue_key.private_key,
+                              Path(state.data_files[0])),
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        completed = flwr(["run", ".", CONNECTION, "--stream", "--run-config", f"{RUN} results.run-name='deployed'"], env)
+        rogue_exit = rogue.wait(timeout=60)
+    finally:
+        if rogue.poll() is None:
+            os.killpg(rogue.pid, signal.SIGKILL)
+            rogue.wait()
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+
+    assert rogue_exit != 0
+    assert "Failed to activate SuperNode" in rogue_log.read_text()
+    assert _online_nodes(env) == set(state.node_ids)
+
+    # The results land where the README says: results/ under the folder the SuperLink was started in.
+    folder = Path(state.results_base) / "results" / "deployed"
+    assert Path(state.results_base) == root
+    rounds = _rounds(folder)
+    assert [(r["train_sampled"], r["train_replies"]) for r in rounds] == [(2, 2), (2, 2)]
+    assert "Round 2/2: 2/2 clients replied" in output
+    # Each node trained on its own file: 90 + 126 examples, not a slice of the built-in data.
+    assert [r["train_examples"] for r in rounds] == [sum(NODE_TRAIN_EXAMPLES)] * 2
+    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
+    for name in ("run-config.toml", "checkpoint.safetensors", "adapter-final/adapter_model.safetensors",
+                 "adapter-final/adapter_config.json"):
+        assert (folder / name).is_file(), name
+
+
+def _clientapp_running(pid: int, program: str) -> bool:
+    """Return whether the SuperNode `pid` has a live `flwr-clientapp` process (it is training)."""
+    for child in process_tree(pid, program):
+        try:
+            if child != pid and b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_killed_supernode_costs_a_timeout_not_a_hang(deployment):
+    state, env, root = deployment
+    victim = state.process("supernode-1")
+    run_config = (f"{RUN} strategy.round-timeout=45.0 strategy.min-available-nodes=1 "
+                  "strategy.min-train-nodes=1 results.run-name='killed'")
+    log = root / "killed-run.log"
+    with log.open("w") as stream:
+        run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
+                                "--run-config", run_config], cwd=REPO_ROOT, env=env, stdout=stream,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Kill the node (and its ClientApp) as soon as it has started training in round 1.
+        deadline = time.monotonic() + 180
+        while not _clientapp_running(victim.pid, victim.program):
+            assert time.monotonic() < deadline and run.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.2)
+        for pid in process_tree(victim.pid, victim.program):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        returncode = run.wait(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    output = log.read_text()
+    assert returncode == 0, output[-4000:]
+
+    rounds = _rounds(Path(state.results_base) / "results" / "killed")
+    assert len(rounds) == 2
+    # Round 1 sampled both nodes; only the survivor (node 0, 90 examples) replied.
+    assert (rounds[0]["train_sampled"], rounds[0]["train_replies"]) == (2, 1)
+    assert all(r["train_replies"] == 1 and r["train_examples"] == NODE_TRAIN_EXAMPLES[0] for r in rounds)
+    assert "Round 1/2: 1/2 clients replied" in output
+    lost = "sent no train reply within strategy.round-timeout"
+    failed = "train failed, reported by the SuperLink: Error: Node Unavailable"
+    assert lost in output or failed in output, output[-4000:]
+    assert (Path(state.results_base) / "results" / "killed" / "adapter-final" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,77 @@
+"""The local deployment's pieces, without starting Flower: credentials, node data files, argument checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from flwr.cli.supernode.register import try_load_public_key
+
+from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE
+from flowertune_llm.credentials import make_supernode_key, make_tls_files
+from flowertune_llm.local_deployment import (
+    DeploymentError,
+    StartedProcess,
+    process_tree,
+    stop_process_tree,
+    up,
+    write_node_data,
+)
+
+
+def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):
+    files = make_tls_files(tmp_path, ["127.0.0.1", "localhost", "10.1.2.3", "superlink.example.org"])
+    ca = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_certificate.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "superlink.example.org"]
+    key = load_pem_private_key(files.server_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert files.server_key.stat().st_mode & 0o077 == 0
+
+
+def test_supernode_key_is_what_flower_reads(tmp_path):
+    pair = make_supernode_key(tmp_path, "node")
+    private = load_ssh_private_key(pair.private_key.read_bytes(), None)  # as flower-supernode loads it
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert try_load_public_key(pair.public_key)  # as `flwr supernode register` loads it
+    assert pair.private_key.stat().st_mode & 0o077 == 0
+
+
+def test_node_data_files_split_the_builtin_data(tmp_path):
+    paths = write_node_data(tmp_path, 3)
+    parts = [path.read_text().splitlines() for path in paths]
+    everything = BUILTIN_DATASET_FILE.read_text().splitlines()
+    assert sorted(sum(parts, [])) == sorted(everything)
+    assert [len(part) for part in parts] == [400, 400, 400]
+    assert all(json.loads(line)["instruction"] for line in parts[0])
+
+
+def test_wrong_data_files_stop_before_anything_starts(tmp_path):
+    with pytest.raises(DeploymentError, match="gives 1 files for 2 SuperNodes"):
+        up(tmp_path / "d", 2, [tmp_path / "a.jsonl"])
+    with pytest.raises(DeploymentError, match="no such file"):
+        up(tmp_path / "d", 1, [tmp_path / "a.jsonl"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_stop_leaves_a_reused_pid_alone(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        # The recorded program does not match what runs under this PID now: not ours, not touched.
+        assert process_tree(sleeper.pid, "flower-supernode") == []
+        stop_process_tree(StartedProcess("supernode-0", sleeper.pid, "", "flower-supernode"), grace_s=0.5)
+        assert sleeper.poll() is None
+        stop_process_tree(StartedProcess("sleeper", sleeper.pid, "", "time.sleep"), grace_s=5)
+        assert sleeper.wait(timeout=5) is not None
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()

@@ -1,0 +1,59 @@
+"""The memory report: a real measurement on the tiny default, the reference settings' set-up, argument checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowertune_llm import memory_report
+from flowertune_llm.config import parse_config
+
+
+def test_tiny_default_is_measured_in_a_fresh_process(tmp_path, capsys):
+    output = tmp_path / "memory.json"
+    assert memory_report.main(["--setting", "tiny", "--steps", "1", "--json", str(output)]) == 0
+    printed = capsys.readouterr().out
+    header, _, reference_row, app_row = printed.strip().splitlines()[-4:]
+    assert header.split("|")[1].strip() == "Models" and header.split("|")[2].strip() == "tiny"
+    assert reference_row.split("|")[1].strip() == "VRAM (reference)"
+    assert app_row.split("|")[1].strip() == "peak RSS, CPU, app" and app_row.split("|")[2].strip().endswith("GB")
+    figures = json.loads(output.read_text())["measurements"][0]
+    assert figures["setting"] == "tiny" and figures["variant"] == "app" and figures["device"] == "cpu"
+    # One step of batch 16 x 256 tokens really ran, and the peak covers loading and training.
+    assert figures["tokens"] == 16 * 256
+    assert figures["peak_rss_mb"] >= figures["rss_after_load_mb"] >= figures["rss_after_imports_mb"] > 0
+
+
+@pytest.mark.parametrize("setting", sorted(memory_report.REFERENCE_VRAM_GB) + ["llama2-7b-4bit"])
+def test_reference_settings_resolve_to_a_known_architecture(setting):
+    run_config = memory_report.setting_run_config(setting, {})
+    parse_config(run_config)
+    model_config = memory_report.architecture(run_config["model.name"])
+    width = {"3b": 3200, "7b": 4096}[setting.split("-")[1]]
+    assert model_config.hidden_size == width and model_config.vocab_size == 32000
+
+
+def test_table_has_the_reference_layout():
+    measurements = [
+        memory_report.Measurement("openllama-7b-4bit", "app", {"peak_gpu_reserved_mb": 9216.0, "peak_rss_mb": 1.0}),
+        memory_report.Measurement("openllama-3b-4bit", "app", {"peak_gpu_reserved_mb": 6144.0, "peak_rss_mb": 1.0}),
+    ]
+    lines = memory_report.table(measurements, ["openllama-7b-4bit", "openllama-3b-4bit"], ["app"]).splitlines()
+    assert [cell.strip() for cell in lines[0].strip("| ").split("|")] == ["Models", "7-billion (4-bit)", "3-billion (4-bit)"]
+    assert [cell.strip() for cell in lines[2].strip("| ").split("|")] == ["VRAM (reference)", "~16.50 GB", "~10.60 GB"]
+    assert [cell.strip() for cell in lines[3].strip("| ").split("|")] == [
+        "peak GPU memory (reserved), app", "9.00 GB", "6.00 GB"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--setting", "openllama-13b"], "no setting 'openllama-13b'"),
+    (["--variants", "smaller"], "invalid choice: 'smaller'"),
+    (["--run-config", "train.batch-size=0"], "train.batch-size must be >= 1"),
+])
+def test_bad_arguments_stop_with_one_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as stopped:
+        memory_report.main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
