@@ -151,6 +151,7 @@ def build_private_strategy(config: AppConfig, inner: Strategy, **hooks: Any) -> 
     privacy = config.privacy
     sampled = config.strategy.min_train_nodes
     wrapper = PRIVATE_STRATEGIES[privacy.differential_privacy]
+    accountant = privacy_accountant(config)  # None for adaptive clipping, with the reason logged
     if privacy.adaptive:
         return wrapper(
             strategy=inner, noise_multiplier=privacy.noise_multiplier, num_sampled_clients=sampled,
@@ -160,7 +161,7 @@ def build_private_strategy(config: AppConfig, inner: Strategy, **hooks: Any) -> 
         )
     return wrapper(
         strategy=inner, noise_multiplier=privacy.noise_multiplier, clipping_norm=privacy.clipping_norm,
-        num_sampled_clients=sampled, accountant=privacy_accountant(config), **hooks,
+        num_sampled_clients=sampled, accountant=accountant, **hooks,
     )
 
 

@@ -128,6 +128,12 @@ def test_without_noise_there_is_no_epsilon(caplog):
     assert any("Privacy spent is not reported: privacy.noise-multiplier is 0" in r.getMessage() for r in caplog.records)
 
 
+def test_adaptive_clipping_says_why_there_is_no_epsilon(caplog):
+    _private_strategy("client-adaptive", noise=0.0)
+    assert any("Privacy spent is not reported: Flower's accountant covers fixed clipping only" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.parametrize(("initial", "direction"), [(0.01, +1), (1000.0, -1)])
 def test_adaptive_bound_moves_towards_the_target_quantile(initial, direction):
     # 0.01 is under every update's norm (all clipped), 1000 over it (none clipped); the target
