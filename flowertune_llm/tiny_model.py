@@ -42,27 +42,6 @@ def cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "flowertune-llm"
 
 
-def tiny_llama_config() -> LlamaConfig:
-    """Return the architecture: 2 layers, width 128, grouped-query attention like Llama 3."""
-    return LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        # Wider than Llama's 0.02: the frozen lm_head must allow confident logits, since LoRA
-        # never touches it; with 0.02 the loss cannot fall far below log(vocab_size).
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-
-
 # What every tiny architecture shares: the tiny tokenizer's special tokens and a small width.
 _SHARED = dict(
     vocab_size=VOCAB_SIZE,
@@ -72,12 +51,19 @@ _SHARED = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
-    initializer_range=0.1,  # see tiny_llama_config
+    # Wider than Llama's 0.02: the frozen lm_head must allow confident logits, since LoRA
+    # never touches it; with 0.02 the loss cannot fall far below log(vocab_size).
+    initializer_range=0.1,
     tie_word_embeddings=False,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
 )
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """Return the architecture: 2 layers, width 128, grouped-query attention like Llama 3."""
+    return LlamaConfig(**_SHARED, rms_norm_eps=1e-5)
 
 
 def tiny_mistral_config() -> MistralConfig:
