@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,27 +127,20 @@ def ensure_random_checkpoint(name: str) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    from flowertune_llm.tiny_model import build_tokenizer, cache_root
+    from flowertune_llm.tiny_model import build_once, build_tokenizer, cache_root
 
-    slug = name.replace("/", "--").replace(":", "-")
-    target = cache_root() / f"random-{slug}-{RANDOM_BUILD_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".random-{slug}-", dir=target.parent))
-    try:
+    def build(folder: Path) -> None:
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(architecture(name), dtype=torch.bfloat16)
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # leave the GPU to the measuring processes
-        build_tokenizer().save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        build_tokenizer().save_pretrained(folder)
+
+    slug = name.replace("/", "--").replace(":", "-")
+    return build_once(cache_root() / f"random-{slug}-{RANDOM_BUILD_VERSION}", build)
 
 
 def setting_run_config(setting: str, extra: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,9 +132,26 @@ def ensure_tiny_llama() -> Path:
 def ensure_builtin_model(name: str) -> Path:
     """Return the folder of built-in checkpoint `name` (a key of BUILTIN_CONFIGS), building it once."""
     slug = name.removeprefix("builtin:")
-    target = cache_root() / f"{slug}-{BUILD_VERSION}"
+    return build_once(cache_root() / f"{slug}-{BUILD_VERSION}",
+                      lambda folder: build_tiny_model(folder, BUILTIN_CONFIGS[name]()))
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return `target`, first filling it with `build(folder)` unless a checkpoint is already there."""
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename: clients starting at once never see a half-written checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build aside and rename: clients starting at once never see a half-written checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{slug}-", dir=target.parent))
