@@ -28,7 +28,7 @@ WIRE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     """Return a detached float32 copy of the model's LoRA weights, keyed as peft saves them."""
     return OrderedDict(
-        (name, tensor.detach().to("cpu", torch.float32).contiguous())
+        (name, tensor.detach().to("cpu", torch.float32, copy=True).contiguous())
         for name, tensor in get_peft_model_state_dict(model).items()
     )
 

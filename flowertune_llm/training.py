@@ -138,10 +138,17 @@ def _trainer(
     compute_loss_func: Callable | None = None,
 ) -> SFTTrainer:
     base = model.get_base_model()
-    # trl casts LoRA weights to bf16 on a quantized base, so the run is bf16 whenever the base is.
+    # A quantized base computes in bf16 (its compute dtype); bf16 autocast runs the LoRA matmuls
+    # in bf16 too, while the LoRA weights themselves stay float32 (below).
     bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
     chunked = {"chunk_tokens": settings.loss_chunk_tokens} if settings.loss_chunk_tokens else {}
+    # trl 1.16 replaces every trainable weight of a quantized model by a bf16 copy when the trainer
+    # is built. In bf16, AdamW's step of about lr is rounded away wherever |w| > lr * 2^8: at the
+    # reference schedule (5e-5 -> 1e-6) most LoRA entries of a 3B model would never move. The
+    # float32 tensors are kept here and put back before the optimizer exists, so the weights and
+    # the optimizer state are float32 and the received adapter is not rounded either.
+    float32_weights = {name: weight.data for name, weight in model.named_parameters() if weight.requires_grad}
     trainer = (ChunkedLossSFTTrainer if chunked else SFTTrainer)(
         **chunked,
         model=model,
@@ -151,6 +158,9 @@ def _trainer(
         processing_class=tokenizer,
         compute_loss_func=compute_loss_func,
     )
+    for name, weight in model.named_parameters():
+        if name in float32_weights:
+            weight.data = float32_weights[name].float()
     # One printed dict per step from every client drowns the server's round summaries.
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -167,7 +177,7 @@ class ProximalTerm(TrainerCallback):
 
     def __init__(self, model: PeftModel, mu: float) -> None:
         self.mu = mu
-        # The global adapter as the trainer holds it (after trl's cast of LoRA weights to bf16).
+        # The global adapter as received (float32, see `_trainer`).
         self.anchors = [(weight, weight.detach().float().clone())
                         for weight in model.parameters() if weight.requires_grad]
 
