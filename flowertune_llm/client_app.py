@@ -4,8 +4,9 @@ Each message: build the quantized PEFT model (or reuse the one kept from the pre
 load the global adapter, run trl's SFT trainer on this node's data (its partition in simulation,
 its own `data-path` file in a deployment) for `train.max-steps` steps (with FedProx's proximal
 term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
-timings. With client-side differential privacy, Flower's clipping mod clips the update on its way
-out (`privacy.clipping_mod`).
+timings. On the wire the reply carries the update, trained minus received, in the precision the
+global adapter came in (`adapters.send_update_mod`, the outermost mod). With client-side
+differential privacy, Flower's clipping mod clips the update inside it (`privacy.clipping_mod`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from flowertune_llm.adapters import adapter_state, from_array_record, load_adapter_state, to_array_record
+from flowertune_llm.adapters import (
+    adapter_state,
+    from_array_record,
+    load_adapter_state,
+    send_update_mod,
+    to_array_record,
+)
 from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
 from flowertune_llm.data import load_client_data
 from flowertune_llm.kept_model import peft_model
@@ -29,7 +36,7 @@ from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
 # Mods around the train handler, outermost first; `simulation.py` uses the same.
-TRAIN_MODS = [clipping_mod]
+TRAIN_MODS = [send_update_mod, clipping_mod]
 # FedProx's strategy sends its mu under this key in the train config.
 PROXIMAL_MU_KEY = "proximal-mu"
 
@@ -80,7 +87,8 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
         )
     with timer.phase("serialize"):
-        arrays = to_array_record(adapter_state(model), config.transfer.dtype)
+        # Whole float32 adapter; `send_update_mod` turns it into the update in transfer precision.
+        arrays = to_array_record(adapter_state(model))
     metrics = MetricRecord({
         "train_loss": outcome.loss,
         "num-examples": len(train_data),

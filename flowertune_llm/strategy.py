@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from flowertune_llm.adapters import from_array_record, record_bytes, to_array_record, to_float32
+from flowertune_llm.adapters import apply_update, from_array_record, record_bytes, to_array_record, to_float32
 from flowertune_llm.config import AppConfig, StrategySettings
 from flowertune_llm.replies import NUM_EXAMPLES_KEY, check_evaluate_reply, check_train_reply, metric_keys
 
@@ -37,15 +37,17 @@ class LoraRounds:
 
     - the round's learning rate (and its number counting rounds before a resume) go into the
       train config;
-    - adapters travel in `transfer_dtype` but are averaged as float32 values;
+    - the global adapter stays float32 here and travels in `transfer_dtype`; clients reply with
+      their update in that precision, which is added to the float32 adapter they were sent, so
+      the strategy aggregates whole float32 adapters and 16-bit rounding never touches a weight;
     - replies are checked before aggregation: a malformed one is logged and left out, and with
       fewer than `min_train_replies` valid ones the round keeps the previous global adapter;
     - `round_stats[round]` keeps what happened: sampled, replied, failed, rejected, bytes, losses.
 
     Flower's server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM) keep the global arrays they
     were given in `configure_train` and step from them: those are the float32 arrays of the run,
-    because encoding for the wire happens here, after the strategy built its messages, and replies
-    are decoded to float32 before the strategy sees them.
+    because encoding for the wire happens here, after the strategy built its messages, and each
+    reply is turned back into a float32 adapter before the strategy sees it.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class LoraRounds:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check the replies, then average the valid adapters as float32 values."""
+        """Check the replies, then aggregate the float32 adapters their updates give."""
         run_round = self.run_round(server_round)
         replies = list(replies)
         stats = self.round_stats[run_round]
@@ -122,7 +124,7 @@ class LoraRounds:
             return None, None
         started = time.perf_counter()
         for reply in valid:
-            reply.content["arrays"] = to_float32(reply.content["arrays"])
+            reply.content["arrays"] = apply_update(self._sent, reply.content["arrays"])
             if self.uniform_weights:
                 reply.content["metrics"][NUM_EXAMPLES_KEY] = 1
         arrays, metrics = super().aggregate_train(server_round, valid + failures)

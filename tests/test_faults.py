@@ -2,7 +2,7 @@
 
 Six simulated clients per round: two train normally, one raises, and three reply with a NaN, a
 wrong-shaped and an extra-key adapter. The run must complete, count each fault, and produce the
-average of the two good adapters, as if the bad ones had never been sent.
+average of the two good updates, as if the bad ones had never been sent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flowertune_llm import client_app
-from flowertune_llm.adapters import from_array_record, to_array_record
+from flowertune_llm.adapters import adapter_state, from_array_record, to_array_record
+from flowertune_llm.config import parse_config
+from flowertune_llm.model import build_adapter_skeleton
 
 from conftest import default_run_config
 from flowertune_llm.simulation import simulate
@@ -51,8 +53,11 @@ def _faulty_train(record_dir: Path):
         server_round = int(msg.content["config"]["server-round"])
         if partition in faults:
             return _corrupt(reply, faults[partition])
+        # What it trained, and what it trained from (the global adapter as the bf16 wire delivered it).
+        received = from_array_record(msg.content["arrays"])
         state = {k: v.float() for k, v in from_array_record(reply.content["arrays"]).items()}
-        save_file(state, record_dir / f"round{server_round}-node{partition}.safetensors",
+        update = {k: state[k] - received[k].float() for k in state}
+        save_file(update, record_dir / f"round{server_round}-node{partition}.safetensors",
                   metadata={"num-examples": str(reply.content["metrics"]["num-examples"])})
         return reply
 
@@ -81,17 +86,22 @@ def test_faulty_clients_are_counted_and_left_out_of_the_average(tmp_path):
         assert math.isfinite(record["train_loss"]) and math.isfinite(record["server_eval_loss"])
     assert rounds[1]["server_eval_loss"] < rounds[0]["server_eval_loss"]
 
-    # Each saved global adapter is the example-weighted mean of the two good replies alone.
+    # Each saved global adapter is the previous one plus the example-weighted mean of the two good
+    # replies' updates alone (to the bf16 wire's rounding of those updates).
+    config = parse_config(run_config)
+    previous = adapter_state(build_adapter_skeleton(config.model, seed=config.train.seed))
     for server_round in (1, 2):
         good = [record_dir / f"round{server_round}-node{p}.safetensors" for p in (0, 1)]
         weights = [float(_metadata(path)["num-examples"]) for path in good]
-        states = [load_file(path) for path in good]
+        updates = [load_file(path) for path in good]
         saved = load_file(folder / f"adapter-round-{server_round:03d}" / "adapter_model.safetensors")
-        assert saved.keys() == states[0].keys()
+        assert saved.keys() == updates[0].keys() == previous.keys()
         assert all(torch.isfinite(t).all() for t in saved.values())
-        for key, value in saved.items():
-            expected = sum(w * state[key] for w, state in zip(weights, states)) / sum(weights)
-            assert torch.allclose(value, expected, atol=1e-6)
+        mean_update = {k: sum(w * u[k] for w, u in zip(weights, updates)) / sum(weights) for k in saved}
+        error = torch.sqrt(sum(((saved[k] - previous[k] - mean_update[k]) ** 2).sum() for k in saved))
+        size = torch.sqrt(sum((mean_update[k] ** 2).sum() for k in saved))
+        assert float(error / size) < 2**-8
+        previous = saved
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -15,14 +15,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from flowertune_llm.adapters import WIRE_DTYPES
+from flowertune_llm.adapters import WIRE_DTYPES, to_array_record
 from flowertune_llm.config import ConfigError, parse_config
 from flowertune_llm.strategy import LoraRounds, build_strategy
 
 from conftest import default_run_config
 from test_strategy import Grid, _reply, task_identity  # noqa: F401 (task_identity is an autouse fixture)
 
-# Values exact in bfloat16, so the bf16 wire changes nothing and the formulas can be checked exactly.
+# Values whose differences are exact in bfloat16, so the bf16 wire (which carries updates) changes
+# nothing and the formulas can be checked exactly.
 X0 = {"x.lora_A.weight": np.array([[0.5, -0.25, 1.0]]), "x.lora_B.weight": np.array([[0.0, 2.0]])}
 ROUND_1 = [  # each node's adapter after local training in round 1
     {"x.lora_A.weight": np.array([[1.0, -0.5, 1.0]]), "x.lora_B.weight": np.array([[0.5, 1.0]])},
@@ -39,17 +40,14 @@ def _strategy(name: str, **settings) -> LoraRounds:
     return build_strategy(parse_config(run_config), learning_rate=lambda r: 0.1)
 
 
-def _bf16(values: np.ndarray) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.bfloat16)
-
-
 def _round(strategy: LoraRounds, server_round: int, global_arrays: dict, node_adapters: list[dict]) -> dict:
-    """Send `global_arrays`, reply with `node_adapters` (equal examples), return the new global arrays."""
+    """Send `global_arrays`, reply with the updates to `node_adapters` (equal examples), return the new global arrays."""
     record = ArrayRecord(OrderedDict((k, torch.tensor(v, dtype=torch.float32)) for k, v in global_arrays.items()))
     sent = list(strategy.configure_train(server_round, record, ConfigRecord(), Grid(2)))
     assert {a.dtype for m in sent for a in m.content["arrays"].values()} == {WIRE_DTYPES["bfloat16"]}
-    replies = [_reply(m, {k: _bf16(v) for k, v in adapter.items()}, examples=10, dtype="bfloat16")
-               for m, adapter in zip(sent, node_adapters)]
+    updates = [to_array_record({k: torch.tensor(adapter[k] - global_arrays[k]) for k in adapter}, "bfloat16")
+               for adapter in node_adapters]
+    replies = [_reply(m, update, examples=10) for m, update in zip(sent, updates)]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     assert {a.dtype for a in arrays.values()} == {"float32"}
     return {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
@@ -58,8 +56,8 @@ def _round(strategy: LoraRounds, server_round: int, global_arrays: dict, node_ad
 def _two_rounds(strategy: LoraRounds) -> tuple[dict, dict, list[dict]]:
     """Run rounds 1 and 2; return the global arrays after each, and round 2's replies."""
     x1 = _round(strategy, 1, X0, ROUND_1)
-    # Round 2's replies are x1 plus each node's step, rounded to bf16 as a client would send them.
-    round_2 = [{k: _bf16(x1[k] + step[k]).float().numpy().astype(np.float64) for k in x1} for step in STEP_2]
+    # In round 2 each node sends its step (exact in bf16); the server adds it to its float32 x1.
+    round_2 = [{k: x1[k] + step[k] for k in x1} for step in STEP_2]
     x2 = _round(strategy, 2, x1, round_2)
     return x1, x2, round_2
 

@@ -70,12 +70,16 @@ def test_server_side_clipping_bounds_the_aggregated_update(transfer):
     global_adapter, clip = _adapter(0, 0.1), 0.5
     # One update far over the bound, one under it; example counts 30:10 must not weigh them.
     adapters = [_adapter(1, 0.1), {k: v + 1e-3 for k, v in _adapter(0, 0.1).items()}]
-    if transfer == "bfloat16":  # what a client trains and sends; the server clips the decoded values
-        global_adapter = {k: v.bfloat16().float() for k, v in global_adapter.items()}
-        adapters = [{k: v.bfloat16().float() for k, v in a.items()} for a in adapters]
+    trained = adapters
+    if transfer == "bfloat16":
+        # A client trains from the bf16 global adapter it received and sends its update in bf16; the
+        # server adds that update to its float32 adapter. Updates exact in bf16 keep the check exact.
+        updates = [{k: (a[k] - global_adapter[k]).bfloat16().float() for k in a} for a in adapters]
+        trained = [{k: global_adapter[k].bfloat16().float() + u[k] for k in u} for u in updates]
+        adapters = [{k: global_adapter[k] + u[k] for k in u} for u in updates]
     assert _norm(adapters[0], global_adapter) > 10 * clip > 10 * _norm(adapters[1], global_adapter)
     strategy = _private_strategy("server-fixed", noise=0.0, clip=clip, **{"transfer.dtype": transfer})
-    aggregated = _aggregate(strategy, global_adapter, adapters)
+    aggregated = _aggregate(strategy, global_adapter, trained)
     assert _norm(aggregated, global_adapter) <= clip * (1 + 1e-5)
     expected = _clipped_mean(global_adapter, adapters, clip)
     for key in expected:

@@ -1,16 +1,22 @@
-"""Pure pieces: the learning-rate schedule and adapters through ArrayRecord in each transfer precision."""
+"""Pure pieces: the learning-rate schedule, adapters through ArrayRecord, and updates on the wire."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
 from flowertune_llm.adapters import (
     adapter_state,
+    apply_update,
     from_array_record,
     load_adapter_state,
     record_bytes,
+    send_update_mod,
     to_array_record,
-    to_float32,
+    transfer_dtype_of,
+    update_record,
 )
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.training import cosine_learning_rate, round_seed
@@ -44,18 +50,14 @@ def test_adapter_round_trips_exactly_through_array_record(config):
         assert torch.equal(back[name], state[name])
 
 
-def test_bf16_lora_weights_travel_as_float32_and_come_back_unchanged(config):
+def test_adapter_state_is_a_copy_not_a_view_of_the_weights(config):
     skeleton = build_adapter_skeleton(config.model, seed=0)
-    skeleton.to(torch.bfloat16)
-    original = {k: v.clone() for k, v in skeleton.state_dict().items() if "lora_" in k}
-    record = to_array_record(adapter_state(skeleton))
-    assert {array.dtype for array in record.values()} == {"float32"}
+    state = adapter_state(skeleton)
+    before = {k: v.clone() for k, v in state.items()}
     for parameter in skeleton.parameters():
         if parameter.device.type != "meta":
-            parameter.data.zero_()
-    load_adapter_state(skeleton, from_array_record(record))
-    restored = {k: v for k, v in skeleton.state_dict().items() if "lora_" in k}
-    assert all(torch.equal(original[k], restored[k]) and restored[k].dtype == torch.bfloat16 for k in original)
+            parameter.data.add_(1.0)
+    assert all(torch.equal(state[k], before[k]) for k in state)
 
 
 def test_mismatched_adapter_is_refused(config):
@@ -88,13 +90,45 @@ def test_transfer_precision_sets_wire_dtype_and_size(config, dtype, wire, bytes_
     assert values * bytes_per_value <= record_bytes(record) <= values * bytes_per_value + 160 * len(state)
 
 
-def test_bfloat16_transfer_is_exact_for_bfloat16_weights_and_averages_as_float32(config):
-    state = adapter_state(build_adapter_skeleton(config.model, seed=0))
-    trained_in_bf16 = {name: t.to(torch.bfloat16).float() for name, t in state.items()}
-    back = from_array_record(to_array_record(trained_in_bf16, "bfloat16"))
-    assert all(back[n].dtype == torch.bfloat16 and torch.equal(back[n].float(), trained_in_bf16[n]) for n in back)
-    as_float32 = to_float32(to_array_record(trained_in_bf16, "bfloat16"))
-    assert {array.dtype for array in as_float32.values()} == {"float32"}
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_an_update_on_the_wire_gives_back_the_trained_adapter(config, dtype):
+    # A step of 1e-5 per entry, far below a 16-bit unit of the weights (peft's init, |w| up to 0.09).
+    received_f32 = adapter_state(build_adapter_skeleton(config.model, seed=0))
+    received = to_array_record(received_f32, dtype)
+    as_received = from_array_record(received)  # what the client starts training from
+    step = {n: 1e-5 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in received_f32.items()}
+    trained = to_array_record({n: as_received[n].float() + step[n] for n in step})
+    update = update_record(trained, received, dtype)
+    assert transfer_dtype_of(update) == dtype
+    rebuilt = from_array_record(apply_update(to_array_record(received_f32), update))
+    # float32: the client's own float32 sum w + step keeps the step to about ulp(w) / step = 1e-3;
+    # float16: steps of 1e-5 are subnormal there (below 6.1e-5), with a spacing of 6e-8;
+    # bfloat16: 8 significant bits, relative error 2^-9 per value.
+    tolerance = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 2**-8}[dtype]
+    for name in step:
+        moved = rebuilt[name] - received_f32[name]
+        assert rebuilt[name].dtype == torch.float32
+        assert float((moved - step[name]).norm() / step[name].norm()) < tolerance
+
+
+def test_send_update_mod_gives_the_handler_float32_and_sends_the_update(config, monkeypatch):
+    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # Messages outside a run
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+    received_f32 = adapter_state(build_adapter_skeleton(config.model, seed=0))
+    message = Message(RecordDict({"arrays": to_array_record(received_f32, "bfloat16")}), dst_node_id=1,
+                      message_type="train")
+    seen = {}
+
+    def handler(msg: Message, context: Context) -> Message:
+        seen.update(from_array_record(msg.content["arrays"]))
+        trained = {n: t + 0.5 for n, t in seen.items()}
+        return Message(RecordDict({"arrays": to_array_record(trained)}), reply_to=msg)
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = send_update_mod(message, context, handler)
+    assert {t.dtype for t in seen.values()} == {torch.float32}
+    assert transfer_dtype_of(reply.content["arrays"]) == "bfloat16"
+    assert all(torch.equal(t.float(), torch.full_like(t.float(), 0.5)) for t in from_array_record(reply.content["arrays"]).values())
 
 
 def test_unknown_transfer_dtype_is_refused(config):

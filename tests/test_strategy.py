@@ -43,9 +43,17 @@ def _strategy(nodes: int = 2, **hooks) -> tuple[LoraFedAvg, list[Message]]:
     return strategy, sent
 
 
-def _reply(instruction: Message, arrays: dict | ArrayRecord, loss: float = 1.0, examples=10, dtype="float32",
+def _update(instruction: Message, trained: dict) -> dict:
+    """What a client sends for having trained the adapter it received into `trained`: the difference."""
+    received = from_array_record(instruction.content["arrays"])
+    return {name: t - received[name].float() if name in received and received[name].shape == t.shape else t
+            for name, t in trained.items()}
+
+
+def _reply(instruction: Message, trained: dict | ArrayRecord, loss: float = 1.0, examples=10, dtype="float32",
            **extra_metrics) -> Message:
-    record = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays, dtype)
+    """A client's reply for having trained the adapter it received into `trained` (a record goes as it is)."""
+    record = trained if isinstance(trained, ArrayRecord) else to_array_record(_update(instruction, trained), dtype)
     metrics = MetricRecord({"train_loss": loss, "num-examples": examples, **extra_metrics})
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
 
@@ -92,6 +100,18 @@ def test_bfloat16_transfer_halves_bytes_and_averages_real_values():
         assert (plain.round_stats[1][direction] - header) == 2 * (compact.round_stats[1][direction] - header)
 
 
+def test_a_bfloat16_wire_keeps_steps_far_below_the_weights_precision():
+    # Steps of 1e-4 and 3e-5 on a weight of 0.5 are below half a bf16 unit there (2^-9 = 2e-3):
+    # sending the weight in bf16 would lose them; sending the update keeps them to bf16's relative error.
+    strategy, sent = _strategy(transfer_dtype="bfloat16")
+    step = {"x.lora_A.weight": torch.tensor([[1e-4, -3e-5]]), "x.lora_B.weight": torch.tensor([[2e-7]])}
+    trained = {name: GLOBAL[name] + step[name] for name in GLOBAL}
+    arrays, _ = strategy.aggregate_train(1, [_reply(m, trained, dtype="bfloat16") for m in sent])
+    moved = {name: t - GLOBAL[name] for name, t in arrays.to_torch_state_dict().items()}
+    for name in GLOBAL:
+        assert torch.allclose(moved[name], step[name], rtol=2**-8, atol=0)
+
+
 def _nan(state: dict) -> dict:
     return {name: torch.full_like(t, float("nan")) for name, t in state.items()}
 
@@ -112,7 +132,7 @@ BAD_REPLIES = {
     "negative examples": (lambda m: _reply(m, A, examples=-5), "got -5"),
     "NaN loss": (lambda m: _reply(m, A, loss=float("nan")), "'train_loss' must be a finite number"),
     "no num-examples": (
-        lambda m: Message(RecordDict({"arrays": to_array_record(A), "metrics": MetricRecord({"train_loss": 1.0})}),
+        lambda m: Message(RecordDict({"arrays": to_array_record(_update(m, A)), "metrics": MetricRecord({"train_loss": 1.0})}),
                           reply_to=m),
         "'num-examples' must be a positive number, got None"),
     "no arrays": (
