@@ -41,6 +41,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         adapter=args.adapter, suite=args.suite, data=data, limit=args.limit, quantization=args.quantization,
         compare_base=args.compare_base, allow_code_execution=args.allow_code_execution, lm_eval_tasks=tasks,
         lm_eval_include=args.lm_eval_include, lm_eval_batch_size=args.lm_eval_batch_size, base=args.base or None,
+        max_length_generation=args.max_length_generation,
     )
     try:
         evaluate(request)
@@ -70,6 +71,8 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare-base", action="store_true", help="also score the base model without the adapter")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="let the code suite run the generated programs (subprocesses with time and memory limits)")
+    parser.add_argument("--max-length-generation", type=int, default=None, metavar="N",
+                        help="code: prompt + completion tokens (the bigcode harness's flag); default 1024, MBPP 2048")
     parser.add_argument("--lm-eval", metavar="TASKS", default="", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--lm-eval-include", type=Path, default=None, metavar="PATH",
                         help="a task YAML (or a folder of them) to add to lm-eval's tasks")

@@ -48,6 +48,8 @@ class Request:
     lm_eval_include: Path | None = None
     lm_eval_batch_size: int = 1
     base: str | None = None
+    # Code: the bigcode harness's --max_length_generation; None = the reference's (1024, MBPP 2048).
+    max_length_generation: int | None = None
 
 
 @dataclass
@@ -148,6 +150,8 @@ def plan(request: Request) -> Plan:
     """Check the whole request and load the datasets, loading no model; raise with a clear message."""
     if request.limit is not None and request.limit < 1:
         raise EvaluationInputError(f"--limit: must be >= 1, got {request.limit}")
+    if request.max_length_generation is not None and request.max_length_generation < 1:
+        raise EvaluationInputError(f"--max-length-generation: must be >= 1, got {request.max_length_generation}")
     suite = _check_suite(request)
     adapter = resolve_adapter(request.adapter)
     try:
@@ -181,7 +185,11 @@ def load_model(plan: Plan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
 
 
 def score_benchmark(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, examples: list[Example]
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    benchmark: Benchmark,
+    examples: list[Example],
+    max_length_generation: int | None = None,
 ) -> float:
     """Generate the model's answers to a benchmark's examples and return its score (accuracy or pass@1)."""
     if benchmark.answer_type in ("mcq", "boolean"):
@@ -191,7 +199,7 @@ def score_benchmark(
         answers = generation.generate_finance(model, tokenizer, examples)
         correct = [scoring.sentiment_is_correct(answer, ex.gold) for answer, ex in zip(answers, examples)]
     else:
-        programs = generation.generate_code(model, tokenizer, examples, benchmark.max_length)
+        programs = generation.generate_code(model, tokenizer, examples, max_length_generation or benchmark.max_length)
         # pass@1 from one sample per problem is the share of problems whose program passes.
         correct = [
             sandbox.run_program(benchmark.answer_type, program + "\n" + ex.tests).passed
@@ -200,23 +208,25 @@ def score_benchmark(
     return scoring.accuracy(correct)
 
 
-def _suite_entry(plan: Plan, model: PeftModel, tokenizer: PreTrainedTokenizerBase, compare_base: bool, limit: int | None) -> dict[str, Any]:
+def _suite_entry(plan: Plan, model: PeftModel, tokenizer: PreTrainedTokenizerBase, request: Request) -> dict[str, Any]:
     """Score every benchmark of the planned suite (and the bare base, if asked); return its JSON entry."""
-    suite = plan.suite
+    suite, compare_base, length = plan.suite, request.compare_base, request.max_length_generation
     datasets: dict[str, dict[str, Any]] = {}
     for benchmark in suite.benchmarks:
         examples = plan.examples[benchmark.name]
         figures: dict[str, Any] = {"examples": len(examples), "source": plan.sources[benchmark.name]}
-        figures["score"] = score_benchmark(model, tokenizer, benchmark, examples)
+        figures["score"] = score_benchmark(model, tokenizer, benchmark, examples, length)
         if compare_base:
             with model.disable_adapter():
-                figures["base-score"] = score_benchmark(model, tokenizer, benchmark, examples)
+                figures["base-score"] = score_benchmark(model, tokenizer, benchmark, examples, length)
         datasets[benchmark.name] = figures
     entry: dict[str, Any] = {
         "protocol": PROTOCOL, "metric": suite.metric, "date": _now(), "base-model": plan.base_model,
-        "quantization": plan.bits, "limit": limit, "datasets": datasets,
+        "quantization": plan.bits, "limit": request.limit, "datasets": datasets,
         "average": scoring.suite_average([figures["score"] for figures in datasets.values()]),
     }
+    if suite.metric == "pass@1":
+        entry["max-length-generation"] = length or {b.name: b.max_length for b in suite.benchmarks}
     if compare_base:
         entry["base-average"] = scoring.suite_average([figures["base-score"] for figures in datasets.values()])
     return entry
@@ -255,7 +265,7 @@ def evaluate(request: Request, say: Callable[[str], None] = print) -> Path:
     model, tokenizer = load_model(checked)
     entries: dict[str, dict[str, Any]] = {}
     if checked.suite is not None:
-        entries[checked.suite.name] = _suite_entry(checked, model, tokenizer, request.compare_base, request.limit)
+        entries[checked.suite.name] = _suite_entry(checked, model, tokenizer, request)
         say(f"\n{checked.suite.name} ({checked.suite.metric})")
         say(report.render_table(report.suite_rows(entries[checked.suite.name]), request.compare_base))
     if request.lm_eval_tasks:
