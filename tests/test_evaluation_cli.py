@@ -220,7 +220,7 @@ def test_flowertune_console_script_is_installed():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["flowertune"] == "flowertune_llm.cli:main"
     executable = Path(sys.executable).parent / "flowertune"
-    result = subprocess.run([str(executable), "evaluate", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(executable), "evaluate", "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for suite in ("general-nlp", "finance", "medical", "code"):
         assert suite in result.stdout
@@ -279,3 +279,55 @@ def test_base_model_not_reachable_offline_is_refused(fake_adapter, suite_data, c
     assert status == 2
     assert "base model: 'no-such-org/no-such-model' cannot be loaded" in err and "--base FOLDER" in err
     assert not list(fake_adapter.parent.glob("evaluation-*.json"))
+
+
+# --- lm-evaluation-harness ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_task(tmp_path: Path) -> Path:
+    """A user's lm-eval task YAML on a local JSONL file (two-way sentiment, 4 examples)."""
+    folder = tmp_path / "tasks"
+    rows = [{"text": "Profit doubled", "label": 1}, {"text": "Heavy losses", "label": 0},
+            {"text": "Record earnings", "label": 1}, {"text": "Shares collapsed", "label": 0}]
+    data = _jsonl(folder / "sentiment.jsonl", rows)
+    task = folder / "tiny_sentiment.yaml"
+    task.write_text(
+        "task: tiny_sentiment\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{text}}\\nSentiment:"\n'
+        'doc_to_choice: ["negative", "positive"]\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+        encoding="utf-8",
+    )
+    return task
+
+
+# lm-eval indexes its thousands of task YAMLs first (about 30 s here): slow tier.
+@pytest.mark.slow
+def test_lm_eval_runs_a_local_task_yaml_into_the_same_json(run_copy, suite_data, local_task, capsys):
+    status, out, _ = _evaluate([
+        str(run_copy), "--suite", "general-nlp", *_data_args(suite_data, "mmlu"),
+        "--lm-eval", "tiny_sentiment", "--lm-eval-include", str(local_task), "--compare-base",
+    ], capsys)
+    assert status == 0
+    evaluations = json.loads((run_copy / "evaluation-adapter-final.json").read_text())["evaluations"]
+    assert set(evaluations) == {"general-nlp", "lm-eval"}
+    entry = evaluations["lm-eval"]
+    figures = entry["tasks"]["tiny_sentiment"]
+    assert figures["examples"] == 4
+    assert 0.0 <= figures["metrics"]["acc"] <= 1.0 and 0.0 <= figures["base-metrics"]["acc"] <= 1.0
+    assert entry["quantization"] == 4 and entry["include-path"] == str(local_task.resolve())
+    row = _table_rows(out)["tiny_sentiment"]
+    assert row[1:4] == ["4", "acc", f"{100 * figures['metrics']['acc']:.2f}"]
+
+
+@pytest.mark.slow
+def test_unknown_lm_eval_task_is_refused_with_close_names(fake_adapter, local_task, capsys, no_model_loading):
+    status, _, err = _evaluate([str(fake_adapter), "--lm-eval", "tiny_sentimnt", "--lm-eval-include", str(local_task)], capsys)
+    assert status == 2
+    assert "--lm-eval: task 'tiny_sentimnt' is not known to lm-eval; close: tiny_sentiment" in err

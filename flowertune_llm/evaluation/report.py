@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flowertune_llm.evaluation.lm_eval_bridge import primary_metric
 from flowertune_llm.results import write_atomically
 
 
@@ -53,8 +54,6 @@ def suite_rows(entry: dict[str, Any]) -> list[tuple[str, int, str, float | None,
 
 def lm_eval_rows(entry: dict[str, Any]) -> list[tuple[str, int, str, float | None, float | None]]:
     """Return the table rows of the lm-eval JSON entry (each task's first metric)."""
-    from flowertune_llm.evaluation.lm_eval_bridge import primary_metric
-
     rows = []
     for task, figures in entry["tasks"].items():
         metric, value = primary_metric(figures["metrics"])

@@ -11,7 +11,6 @@ security boundary, so run untrusted generations in a container or VM as well.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -45,25 +44,29 @@ def missing_tools(languages: set[str]) -> list[str]:
     return sorted({tool for language in languages for tool in TOOLS.get(language, ()) if shutil.which(tool) is None})
 
 
-def _limits(cpu_seconds: float, memory_bytes: int):
-    """Return a function that sets the child's resource limits (it runs between fork and exec)."""
+# Sets the limits, then becomes the program (exec keeps them). A launcher process rather than
+# subprocess's `preexec_fn`, which is unsafe in a parent with threads (torch's).
+_LAUNCHER = """
+import os, resource, sys
+cpu, memory, size = (int(value) for value in sys.argv[1:4])
+for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, size),
+                     (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
 
-    def apply() -> None:
-        cpu = max(1, int(cpu_seconds + 0.999))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-    return apply
+def _limited(command: list[str], cpu_seconds: float, memory_bytes: int) -> list[str]:
+    """Return `command` prefixed by the launcher that applies the CPU, memory and file limits."""
+    cpu = max(1, int(cpu_seconds + 0.999))
+    return [sys.executable, "-I", "-c", _LAUNCHER, str(cpu), str(memory_bytes), str(FILE_SIZE_LIMIT_BYTES), *command]
 
 
 def _run(command: list[str], folder: Path, time_limit: float, memory_bytes: int) -> Outcome:
     """Run a command in `folder` under the limits, killing its whole session when time runs out."""
     process = subprocess.Popen(
-        command, cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, preexec_fn=_limits(time_limit, memory_bytes),
+        _limited(command, time_limit, memory_bytes), cwd=folder, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         env={"PATH": os.environ.get("PATH", ""), "HOME": str(folder), "LANG": "C.UTF-8"},
     )
     try:
