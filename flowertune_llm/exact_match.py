@@ -11,11 +11,12 @@ Counts, not ratios, come back, so that clients can report them and the server ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
+from flwr.app import MetricRecord
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -129,3 +130,50 @@ def exact_match(
     # Data without a task column has no per-task split to report.
     reported = {} if TASK_COLUMN not in data.column_names else dict(sorted(per_task.items()))
     return ExactMatchCounts(correct, len(data), reported)
+
+
+# How counts travel in a client's evaluate reply. Overall counts are in every reply; per-task ones
+# only for the tasks a client's held-out share holds, so they are summed, never averaged.
+CORRECT_KEY = "exact-match-correct"
+TOTAL_KEY = "exact-match-total"
+_PER_TASK_SEPARATOR = "/"
+
+
+def to_metrics(counts: ExactMatchCounts) -> dict[str, int]:
+    """Return the counts as MetricRecord entries (nothing when no example was asked)."""
+    if counts.total == 0:
+        return {}
+    metrics = {CORRECT_KEY: counts.correct, TOTAL_KEY: counts.total}
+    for task, (correct, total) in counts.per_task.items():
+        metrics[f"{CORRECT_KEY}{_PER_TASK_SEPARATOR}{task}"] = correct
+        metrics[f"{TOTAL_KEY}{_PER_TASK_SEPARATOR}{task}"] = total
+    return metrics
+
+
+def is_per_task_key(key: str) -> bool:
+    """Return whether a metric name is a per-task exact-match count."""
+    return key.startswith((CORRECT_KEY + _PER_TASK_SEPARATOR, TOTAL_KEY + _PER_TASK_SEPARATOR))
+
+
+def from_metrics(metrics: Mapping[str, object]) -> ExactMatchCounts:
+    """Return the counts a reply's metrics carry (empty counts when it carries none)."""
+    per_task = {
+        key.split(_PER_TASK_SEPARATOR, 1)[1]: (int(metrics[key]), int(metrics[key.replace(CORRECT_KEY, TOTAL_KEY, 1)]))
+        for key in metrics if key.startswith(CORRECT_KEY + _PER_TASK_SEPARATOR)
+    }
+    return ExactMatchCounts(int(metrics.get(CORRECT_KEY, 0)), int(metrics.get(TOTAL_KEY, 0)), per_task)
+
+
+def without_per_task_keys(metrics: MetricRecord) -> MetricRecord:
+    """Return the metrics without per-task counts (what Flower's weighted mean can average)."""
+    return MetricRecord({key: value for key, value in metrics.items() if not is_per_task_key(key)})
+
+
+def record_fields(counts: ExactMatchCounts, prefix: str) -> dict[str, object]:
+    """Return a round record's exact-match fields: accuracy, examples asked and accuracy per task."""
+    if counts.total == 0:
+        return {}
+    fields: dict[str, object] = {prefix: counts.accuracy, f"{prefix}_examples": counts.total}
+    if counts.per_task:
+        fields[f"{prefix}_per_task"] = {task: counts.task_accuracy(task) for task in counts.per_task}
+    return fields

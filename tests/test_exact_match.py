@@ -7,14 +7,20 @@ import dataclasses
 import pytest
 import torch
 from datasets import Dataset
+from flwr.app import MetricRecord
 
 from flowertune_llm.exact_match import (
     ExactMatchCounts,
     answers_match,
     combine_counts,
     exact_match,
+    from_metrics,
     generate_answers,
+    is_per_task_key,
     normalise_answer,
+    record_fields,
+    to_metrics,
+    without_per_task_keys,
 )
 from flowertune_llm.model import build_peft_model, load_tokenizer
 from flowertune_llm.prompts import alpaca_prompt
@@ -117,3 +123,18 @@ def test_batched_left_padded_answers_equal_one_at_a_time_and_stop_at_eos(memoris
     clipped = generate_answers(model, tokenizer, four["prompt"], max_new_tokens=1)
     assert all(len(tokenizer(answer, add_special_tokens=False).input_ids) <= 1 for answer in clipped)
     assert clipped != batched
+
+
+def test_counts_travel_as_metrics_and_come_back_whole():
+    counts = ExactMatchCounts(3, 7, {"add_numbers": (1, 4), "capital": (2, 3)})
+    metrics = to_metrics(counts)
+    assert metrics["exact-match-correct"] == 3 and metrics["exact-match-total"] == 7
+    assert sorted(k for k in metrics if is_per_task_key(k)) == [
+        "exact-match-correct/add_numbers", "exact-match-correct/capital",
+        "exact-match-total/add_numbers", "exact-match-total/capital"]
+    assert from_metrics(MetricRecord({**metrics, "eval_loss": 1.5})) == counts
+    assert to_metrics(ExactMatchCounts()) == {} and from_metrics({}) == ExactMatchCounts()
+    assert set(without_per_task_keys(MetricRecord(metrics)).keys()) == {"exact-match-correct", "exact-match-total"}
+    assert record_fields(counts, "eval_exact_match") == {
+        "eval_exact_match": 3 / 7, "eval_exact_match_examples": 7,
+        "eval_exact_match_per_task": {"add_numbers": 0.25, "capital": 2 / 3}}
