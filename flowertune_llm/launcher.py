@@ -166,16 +166,16 @@ def stop_run(run_id: str, request: RunRequest, env: dict[str, str]) -> bool:
     return stopped.returncode == 0
 
 
-def run_status(run_id: str, request: RunRequest, env: dict[str, str]) -> str:
-    """Return Flower's status of the run (e.g. `finished:failed`), or '' when it cannot be read."""
+def run_status(run_id: str, request: RunRequest, env: dict[str, str]) -> tuple[str, str]:
+    """Return Flower's status of the run (e.g. `finished:failed`) and its details; '' where unreadable."""
     command = [flwr_executable(), "ls", *([request.superlink] if request.superlink else []),
                "--run-id", run_id, "--format", "json"]
     listed = subprocess.run(command, cwd=request.app, env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(listed.stdout).get("runs", [])
     except ValueError:
-        return ""
-    return str(runs[0].get("status", "")) if runs else ""
+        return "", ""
+    return (str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))) if runs else ("", "")
 
 
 def launch(request: RunRequest, out: TextIO = sys.stdout) -> tuple[int, RunOutcome]:
@@ -206,6 +206,8 @@ def launch(request: RunRequest, out: TextIO = sys.stdout) -> tuple[int, RunOutco
         return 130, outcome
     if process.returncode != 0:
         return process.returncode, outcome
-    status = run_status(outcome.run_id, request, env) if outcome.run_id else ""
+    status, details = run_status(outcome.run_id, request, env) if outcome.run_id else ("", "")
     failed = status.endswith(("failed", "stopped")) or not outcome.finished
+    if failed and outcome.error is None and details not in ("", "N/A"):
+        outcome.error = details
     return (1 if failed else 0), outcome

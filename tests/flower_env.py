@@ -78,3 +78,25 @@ def stop_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_process_pids(flwr_home: Path) -> dict[int, str]:
+    """PIDs (with command lines) of a run's processes started under this Flower home.
+
+    Every process the local SuperLink starts inherits its FLWR_HOME; the SuperLink and its
+    SuperExec serve every run and are left out (tests stop them by PID at the end).
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" not in command and "flower-superexec" not in command:
+            found[int(entry.name)] = command
+    return found
