@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +172,21 @@ def test_a_run_folder_and_its_adapter_follow_the_umask(tmp_path, config, umask):
     for name in ("run-config.toml", "metrics.json"):
         assert _mode(tmp_path / "run" / name) == 0o666 & ~umask
     assert all(_mode(path) == 0o666 & ~umask for path in adapter.iterdir())
+
+
+def test_library_noise_is_silenced_and_other_warnings_still_show():
+    # A fresh interpreter with every warning shown, as a user's would show deprecations.
+    program = (
+        "import logging, warnings\n"
+        "import flowertune_llm, bitsandbytes\n"
+        "logging.basicConfig()\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...', 'x')\n"
+        "log.warning('another bitsandbytes warning')\n"
+        "warnings.warn('an unrelated deprecation', DeprecationWarning)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "default", "-c", program], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "script_method" not in done.stderr and "kernels-community" not in done.stderr
+    assert "another bitsandbytes warning" in done.stderr and "an unrelated deprecation" in done.stderr
