@@ -115,6 +115,8 @@ def flwr_environment(install_dependencies: bool) -> dict[str, str]:
         env.pop(DISABLE_INSTALL, None)
     else:
         env[DISABLE_INSTALL] = "1"
+    # `flwr run` writes to a pipe here: unbuffered, so each line arrives as Flower streams it.
+    env["PYTHONUNBUFFERED"] = "1"
     # flower-superlink starts flower-superexec by name: this environment's bin must be on PATH.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
