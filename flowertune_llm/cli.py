@@ -156,12 +156,18 @@ def add_run(commands: argparse._SubParsersAction) -> None:
 
 def _resume(args: argparse.Namespace) -> int:
     """Run `flowertune resume`: the run's saved settings, written to a TOML file outside the app folder."""
-    from flowertune_llm.resume import ResumeError, continuation_config
+    from flowertune_llm.config import ConfigError, parse_config
+    from flowertune_llm.resume import ResumeError, continuation_config, find_resume_point
     from flowertune_llm.results import to_toml
 
     try:
         settings = continuation_config(args.run_folder, args.num_server_rounds)
-    except ResumeError as error:
+        # The ServerApp checks this too, but only after the run has started (~20 s): say it now.
+        point = find_resume_point(parse_config(settings))
+        if point.round >= settings["num-server-rounds"]:
+            raise ResumeError(f"the run in '{args.run_folder}' has finished all {point.round} of its rounds; "
+                              f"--num-server-rounds {point.round + 5} (say) trains on")
+    except (ResumeError, ConfigError) as error:
         print(f"error: {error}\nNothing was submitted.", file=sys.stderr)
         return 2
     # Outside the app folder: every file there is bundled into the run's FAB.

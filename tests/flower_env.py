@@ -100,3 +100,16 @@ def run_process_pids(flwr_home: Path) -> dict[int, str]:
         if "flower-superlink" not in command and "flower-superexec" not in command:
             found[int(entry.name)] = command
     return found
+
+
+def start_local_superlink(env: dict[str, str], tries: int = 3) -> None:
+    """Start this home's local SuperLink (with `flwr ls`) before a test's run, retrying its start.
+
+    flwr 1.42 gives a starting local SuperLink 15 s; a loaded machine can take longer, and the
+    SuperLink then comes up anyway, so a second `flwr ls` finds it.
+    """
+    for _ in range(tries):
+        listed = flwr(["ls"], env, timeout=300)
+        if listed.returncode == 0:
+            return
+    raise AssertionError("the local SuperLink did not start:\n" + listed.stdout + listed.stderr)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from flower_env import flwr, local_superlink_pids, private_flwr_env, run_process_pids, stop_pids
+from flower_env import (flwr, local_superlink_pids, private_flwr_env, run_process_pids, start_local_superlink,
+                        stop_pids)
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,7 @@ def flowertune(arguments: list[str], env: dict[str, str]) -> subprocess.Complete
 def test_a_failing_run_exits_non_zero_with_the_apps_message_last(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
+    start_local_superlink(env)
     (tmp_path / "results" / "taken").mkdir(parents=True)
     try:
         done = flowertune(["run", ".", "--run-config",
@@ -44,6 +46,7 @@ def test_a_failing_run_exits_non_zero_with_the_apps_message_last(tmp_path):
 def test_a_run_with_own_settings_finishes_then_resumes_with_them(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
+    start_local_superlink(env)
     results = tmp_path / "results"
     folder = results / "mine"
     try:
@@ -67,6 +70,7 @@ def test_a_run_with_own_settings_finishes_then_resumes_with_them(tmp_path):
 def test_ctrl_c_stops_the_run_and_leaves_none_of_its_processes(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
+    start_local_superlink(env)
     results = tmp_path / "results"
     wrapper = subprocess.Popen(
         [sys.executable, "-m", "flowertune_llm.cli", "run", ".", "--run-config",

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 from conftest import REPO_ROOT
 from flowertune_llm import cli, plot
 from flowertune_llm.export import default_output
-from flowertune_llm.launcher import RunOutcome, follow
+from flowertune_llm.launcher import RunOutcome, effective_run_config, follow
 from flowertune_llm.adapters import adapter_state, to_array_record
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, save_checkpoint, to_toml, write_atomically
@@ -190,3 +190,15 @@ def test_library_noise_is_silenced_and_other_warnings_still_show():
     assert done.returncode == 0, done.stderr
     assert "script_method" not in done.stderr and "kernels-community" not in done.stderr
     assert "another bitsandbytes warning" in done.stderr and "an unrelated deprecation" in done.stderr
+
+
+def test_resume_of_a_finished_run_without_more_rounds_says_how(private_home, tmp_path, capsys):
+    folder = tmp_path / "done"
+    folder.mkdir()
+    run_config = {**effective_run_config(REPO_ROOT, []), "num-server-rounds": 2}
+    (folder / "run-config.toml").write_text(to_toml(run_config))
+    (folder / "metrics.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}]}))
+    save_checkpoint(folder, ArrayRecord({"w": torch.zeros(2)}), 2)
+    assert cli.main(["resume", str(folder)]) == 2
+    assert "has finished all 2 of its rounds; --num-server-rounds 7 (say) trains on" in capsys.readouterr().err
+    assert not private_home.exists()
