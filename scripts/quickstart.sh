@@ -20,17 +20,19 @@ install() {
         || { echo "error: Python >= 3.11 is needed; $PYTHON is $("$PYTHON" -V 2>&1). Set PYTHON=python3.12 (say)." >&2; exit 2; }
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
-    local torch_source=()
+    local torch_source=() where
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
-        torch_source=(--index-url "$TORCH_INDEX_URL")
+        torch_source=(--index-url "$TORCH_INDEX_URL") where="from $TORCH_INDEX_URL"
     elif [ "${FLOWERTUNE_TORCH:-cpu}" = cuda ]; then
-        torch_source=()  # the default index: CUDA builds on Linux
+        where="from the default index (CUDA build on Linux)"
     elif .venv/bin/python -m pip install --quiet --dry-run --no-deps --no-index "torch==$TORCH_VERSION" >/dev/null 2>&1; then
-        torch_source=()  # a local wheel (pip's find-links): install it as pip finds it
+        where="from the wheel pip finds locally"  # pip's find-links, or already installed
     elif [ "$(uname -s)" = Linux ]; then
-        torch_source=(--index-url "$CPU_INDEX")
+        torch_source=(--index-url "$CPU_INDEX") where="CPU build from $CPU_INDEX"
+    else
+        where="from the default index (CPU/MPS build on macOS)"
     fi
-    echo "Installing torch $TORCH_VERSION ${torch_source[*]:-(default source)} ..."
+    echo "Installing torch $TORCH_VERSION, $where ..."
     .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION" ${torch_source[@]+"${torch_source[@]}"}
     # torch first, so resolving the app's `torch` requirement keeps this build.
     echo "Installing the app and its test tools ..."

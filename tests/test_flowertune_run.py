@@ -30,9 +30,9 @@ def flowertune(arguments: list[str], env: dict[str, str]) -> subprocess.Complete
 def test_a_failing_run_exits_non_zero_with_the_apps_message_last(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
-    start_local_superlink(env)
     (tmp_path / "results" / "taken").mkdir(parents=True)
     try:
+        start_local_superlink(env)
         done = flowertune(["run", ".", "--run-config",
                            f"results.dir='{tmp_path / 'results'}' results.run-name='taken'"], env)
     finally:
@@ -46,10 +46,10 @@ def test_a_failing_run_exits_non_zero_with_the_apps_message_last(tmp_path):
 def test_a_run_with_own_settings_finishes_then_resumes_with_them(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
-    start_local_superlink(env)
     results = tmp_path / "results"
     folder = results / "mine"
     try:
+        start_local_superlink(env)
         first = flowertune(["run", ".", "--run-config", f"num-server-rounds=1 train.max-steps=2 model.lora.r=8 "
                             f"results.dir='{results}' results.run-name='mine'"], env)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -70,8 +70,12 @@ def test_a_run_with_own_settings_finishes_then_resumes_with_them(tmp_path):
 def test_ctrl_c_stops_the_run_and_leaves_none_of_its_processes(tmp_path):
     home = tmp_path / "flwr-home"
     env = private_flwr_env(home)
-    start_local_superlink(env)
     results = tmp_path / "results"
+    try:
+        start_local_superlink(env)
+    except BaseException:
+        stop_pids(local_superlink_pids(home))
+        raise
     wrapper = subprocess.Popen(
         [sys.executable, "-m", "flowertune_llm.cli", "run", ".", "--run-config",
          f"num-server-rounds=50 results.dir='{results}' results.run-name='stop-me'"],
