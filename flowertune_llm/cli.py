@@ -123,7 +123,11 @@ def _launch_checked(request) -> int:
         print(f"error: {error}\nNothing was submitted.", file=sys.stderr)
         return 2
     started = time.monotonic()
-    status, outcome = launch(request)
+    try:
+        status, outcome = launch(request)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     failed = status != 0
     if failed and status != 130 and not request.verbose and outcome.error is None:
         # No Python error in the stream (Flower itself failed): show the end of its log.

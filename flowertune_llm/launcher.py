@@ -164,7 +164,7 @@ def follow(stream: Iterator[str], outcome: RunOutcome, out: TextIO, verbose: boo
 def stop_run(run_id: str, request: RunRequest, env: dict[str, str]) -> bool:
     """Stop the run with `flwr stop RUN_ID [SUPERLINK]`; return whether Flower accepted it."""
     command = [flwr_executable(), "stop", run_id, *([request.superlink] if request.superlink else [])]
-    stopped = subprocess.run(command, cwd=request.app, env=env, capture_output=True, text=True, timeout=120)
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     return stopped.returncode == 0
 
 
@@ -172,7 +172,7 @@ def run_status(run_id: str, request: RunRequest, env: dict[str, str]) -> tuple[s
     """Return Flower's status of the run (e.g. `finished:failed`) and its details; '' where unreadable."""
     command = [flwr_executable(), "ls", *([request.superlink] if request.superlink else []),
                "--run-id", run_id, "--format", "json"]
-    listed = subprocess.run(command, cwd=request.app, env=env, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(listed.stdout).get("runs", [])
     except ValueError:
@@ -184,8 +184,9 @@ def launch(request: RunRequest, out: TextIO = sys.stdout) -> tuple[int, RunOutco
     """Submit the run through `flwr run --stream`, follow it, stop it on Ctrl-C; return (exit status, outcome)."""
     env = flwr_environment(request.install_dependencies)
     outcome = RunOutcome()
-    # Its own session: the terminal's Ctrl-C reaches this process alone, which stops the run itself.
-    process = subprocess.Popen(flwr_run_command(request), cwd=request.app, env=env, stdout=subprocess.PIPE,
+    # From the caller's folder, as `flwr run` typed there would run. Its own session: the terminal's
+    # Ctrl-C reaches this process alone, which stops the run itself.
+    process = subprocess.Popen(flwr_run_command(request), env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     assert process.stdout is not None
     try:

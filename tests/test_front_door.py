@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord
 from conftest import REPO_ROOT
 from flowertune_llm import cli, plot
 from flowertune_llm.export import default_output
-from flowertune_llm.launcher import RunOutcome, effective_run_config, follow
+from flowertune_llm.launcher import (DISABLE_INSTALL, RunOutcome, RunRequest, effective_run_config, flwr_environment,
+                                   flwr_run_command, follow)
 from flowertune_llm.adapters import adapter_state, to_array_record
 from flowertune_llm.model import build_adapter_skeleton
 from flowertune_llm.results import RunRecorder, save_checkpoint, to_toml, write_atomically
@@ -202,3 +203,15 @@ def test_resume_of_a_finished_run_without_more_rounds_says_how(private_home, tmp
     assert cli.main(["resume", str(folder)]) == 2
     assert "has finished all 2 of its rounds; --num-server-rounds 7 (say) trains on" in capsys.readouterr().err
     assert not private_home.exists()
+
+
+def test_flwr_run_command_streams_with_dependency_installation_off(monkeypatch):
+    request = RunRequest(app=Path("."), superlink="my-link", run_config=["num-server-rounds=2"],
+                         flwr_arguments=["--federation-config", "num-supernodes=4"])
+    command = flwr_run_command(request)
+    assert Path(command[0]).name == "flwr"
+    assert command[1:] == ["run", ".", "my-link", "--run-config", "num-server-rounds=2",
+                           "--federation-config", "num-supernodes=4", "--stream"]
+    monkeypatch.setenv(DISABLE_INSTALL, "0")
+    assert flwr_environment(install_dependencies=False)[DISABLE_INSTALL] == "1"
+    assert DISABLE_INSTALL not in flwr_environment(install_dependencies=True)
