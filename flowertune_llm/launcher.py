@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from flowertune_llm.config import AppConfig, ConfigError, parse_config
+from flowertune_llm.config import AppConfig, parse_config
 
 # What `flwr run` and the ServerApp print, with Flower's colour codes removed.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
