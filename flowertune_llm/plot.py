@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse and check arguments, read the runs, write the PNG."""
     parser = argparse.ArgumentParser(prog="python -m flowertune_llm.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (results/<run>) or their metrics.json")
-    parser.add_argument("--output", type=Path, default=Path("loss-over-rounds.png"), help="PNG file to write")
+    # Under results/ (git-ignored): `flwr run` bundles every other file of the app folder into its FAB.
+    parser.add_argument("--output", type=Path, default=Path("results") / "loss-over-rounds.png", help="PNG file to write")
     parser.add_argument("--loss", nargs="+", choices=list(LOSSES), default=["train"], help="which losses to draw")
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over this many rounds (1 = none)")
     parser.add_argument("--label", nargs="+", default=None, help="one label per run (default: model and bits)")
