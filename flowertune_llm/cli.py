@@ -1,5 +1,8 @@
 """The `flowertune` command: one entry point whose subcommands are the app's user tools.
 
+    flowertune run . --run-config "model.quantization=8"      # flwr run, checked, quiet, stoppable
+    flowertune resume results/<run> --num-server-rounds 10     # continue with the run's own settings
+    flowertune plot results/<run-a> results/<run-b> --loss train eval
     flowertune evaluate results/<run> --suite finance --data fpb=fpb.jsonl --limit 100
     flowertune evaluate results/<run>/adapter-final --lm-eval hellaswag,arc_easy
 
@@ -10,7 +13,10 @@ Each subcommand registers itself in `SUBCOMMANDS` (name -> function adding its p
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +87,140 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_evaluate)
 
 
-SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"evaluate": add_evaluate}
+def _flwr_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of `flwr run` that the wrapper passes on, and its own switches."""
+    parser.add_argument("superlink", nargs="?", default=None, help="SuperLink connection (flwr run's; default: local)")
+    parser.add_argument("--federation", default=None, help="federation ID, `@<account>/<name>` (flwr run's)")
+    parser.add_argument("--federation-config", action="append", default=[], metavar="CONFIG",
+                        help='simulation settings, e.g. "num-supernodes=4" (flwr run\'s)')
+    parser.add_argument("--stream", action="store_true", help="accepted for flwr run's sake; the run always streams")
+    parser.add_argument("--verbose", action="store_true", help="print Flower's whole log, not only round lines and errors")
+    parser.add_argument("--install-dependencies", action="store_true",
+                        help="let the local SuperLink `uv sync` the app's dependencies for the run (off by default: "
+                        "it installs a CUDA torch even on a CPU machine). Only a SuperLink started by this run obeys")
+
+
+def _request(args: argparse.Namespace, app: Path, run_config: list[str]):
+    """Return the launcher's request for the parsed `run`/`resume` arguments."""
+    from flowertune_llm.launcher import RunRequest
+
+    passed = [*(["--federation", args.federation] if args.federation else [])]
+    for setting in args.federation_config:
+        passed += ["--federation-config", setting]
+    return RunRequest(app=app, superlink=args.superlink, run_config=run_config, flwr_arguments=passed,
+                      verbose=args.verbose, install_dependencies=args.install_dependencies)
+
+
+def _launch_checked(request) -> int:
+    """Check the run config, submit the run, follow it, print the summary; return the exit status."""
+    from flowertune_llm.config import ConfigError
+    from flowertune_llm.launcher import LaunchError, check_run_config, launch
+    from flowertune_llm.run_summary import summary
+
+    try:
+        check_run_config(request.app, request.run_config)
+    except (ConfigError, LaunchError) as error:
+        print(f"error: {error}\nNothing was submitted.", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        status, outcome = launch(request)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = status != 0
+    if failed and status != 130 and not request.verbose and outcome.error is None:
+        # No Python error in the stream (Flower itself failed): show the end of its log.
+        print("\n".join(outcome.lines[-20:]), file=sys.stderr)
+    print(summary(outcome.folder, time.monotonic() - started, failed))
+    if failed and status != 130:
+        print(f"error: {outcome.error or 'the run failed (see above; --verbose shows the whole log)'}", file=sys.stderr)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run `flowertune run`."""
+    return _launch_checked(_request(args, args.app, args.run_config))
+
+
+def add_run(commands: argparse._SubParsersAction) -> None:
+    """Add `flowertune run`."""
+    parser = commands.add_parser(
+        "run", help="flwr run, with the app's config check first, quiet output and Ctrl-C that stops the run",
+        description="Run the app with `flwr run APP [SUPERLINK] --stream`. The run config is checked by the app "
+        "before anything is submitted; the local SuperLink's runtime dependency installation is off; only round "
+        "lines and errors are printed; Ctrl-C stops the run (flwr stop); the exit status is 1 when the run failed.",
+    )
+    parser.add_argument("app", nargs="?", type=Path, default=Path("."), metavar="APP", help="the app folder (default .)")
+    parser.add_argument("--run-config", "-c", action="append", default=[], metavar="CONFIG",
+                        help='"key=value ..." overrides, or one TOML file (flwr run\'s)')
+    _flwr_run_arguments(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Run `flowertune resume`: the run's saved settings, written to a TOML file outside the app folder."""
+    from flowertune_llm.config import ConfigError, parse_config
+    from flowertune_llm.resume import ResumeError, continuation_config, find_resume_point
+    from flowertune_llm.results import to_toml
+
+    try:
+        settings = continuation_config(args.run_folder, args.num_server_rounds)
+        # The ServerApp checks this too, but only after the run has started (~20 s): say it now.
+        point = find_resume_point(parse_config(settings))
+        if point.round >= settings["num-server-rounds"]:
+            raise ResumeError(f"the run in '{args.run_folder}' has finished all {point.round} of its rounds; "
+                              f"--num-server-rounds {point.round + 5} (say) trains on")
+    except (ResumeError, ConfigError) as error:
+        print(f"error: {error}\nNothing was submitted.", file=sys.stderr)
+        return 2
+    # Outside the app folder: every file there is bundled into the run's FAB.
+    with tempfile.TemporaryDirectory(prefix="flowertune-resume-") as scratch:
+        config_file = Path(scratch) / "run-config.toml"
+        config_file.write_text(to_toml(settings), encoding="utf-8")
+        return _launch_checked(_request(args, args.app, [str(config_file)]))
+
+
+def add_resume(commands: argparse._SubParsersAction) -> None:
+    """Add `flowertune resume`."""
+    parser = commands.add_parser(
+        "resume", help="continue a run from its results folder with its own saved settings",
+        description="Continue the run in RUN_FOLDER after its last finished round, with the settings saved in its "
+        "run-config.toml (nothing to restate). --num-server-rounds N trains on to round N.",
+    )
+    parser.add_argument("run_folder", type=Path, metavar="RUN_FOLDER", help="the run's folder, results/<run>")
+    parser.add_argument("--num-server-rounds", type=int, default=None, metavar="N", help="the run's new total of rounds")
+    parser.add_argument("--app", type=Path, default=Path("."), help="the app folder (default .)")
+    _flwr_run_arguments(parser)
+    parser.set_defaults(handler=_resume)
+
+
+# Tools that keep their own parsers: `flowertune NAME ...` hands the rest of the line to its main.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "plot": ("flowertune_llm.plot", "plot loss over rounds from runs' metrics.json"),
+    "chat": ("flowertune_llm.chat", "answer one instruction with a saved adapter"),
+    "export": ("flowertune_llm.export", "merge an adapter into its base model (written under results/)"),
+    "memory-report": ("flowertune_llm.memory_report", "peak memory of one client per setting"),
+    "deploy": ("flowertune_llm.local_deployment", "a local SuperLink and SuperNodes: deploy up / deploy down"),
+}
+
+
+def run_delegated(name: str, argv: list[str]) -> int:
+    """Run a delegated tool's main with the rest of the command line; return its exit status."""
+    module = importlib.import_module(DELEGATED[name][0])
+    status = module.main(argv)
+    return status if isinstance(status, int) else 0
+
+
+def add_delegated(commands: argparse._SubParsersAction) -> None:
+    """List the delegated tools in `flowertune --help` (main hands them their arguments unparsed)."""
+    for name, (_, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+
+
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "run": add_run, "resume": add_resume, "evaluate": add_evaluate, "tools": add_delegated,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen subcommand; return its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

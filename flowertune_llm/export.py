@@ -1,6 +1,7 @@
 """Merge a saved global adapter into its base model and save a standalone checkpoint.
 
-    python -m flowertune_llm.export results/<run>/adapter-final --output merged-model
+    flowertune export results/<run>/adapter-final        # -> results/<run>/merged-adapter-final
+    python -m flowertune_llm.export results/<run>/adapter-final --output results/merged-model
 
 The base is loaded unquantized (`--dtype`, default bfloat16), the LoRA update is added into its
 weights (peft's merge_and_unload), and the result is saved with its tokenizer as an ordinary
@@ -38,14 +39,24 @@ def export_merged(adapter: Path, output: Path, base: str, dtype: torch.dtype) ->
     return output
 
 
+def default_output(adapter: Path) -> Path:
+    """Return the default merged-model folder: beside the adapter, so under results/<run>/."""
+    # Not the current folder: `flwr run` bundles every non-ignored file of the app folder into the
+    # next run's FAB, and results/ is git-ignored (so left out of it).
+    return adapter.parent / f"merged-{adapter.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse and check arguments, then merge and save."""
     parser = argparse.ArgumentParser(prog="python -m flowertune_llm.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter", type=Path, help="a saved adapter folder, e.g. results/<run>/adapter-final")
-    parser.add_argument("--output", type=Path, required=True, help="new folder for the merged model")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="new folder for the merged model (default: merged-<adapter> beside the adapter, "
+                        "i.e. inside its results folder, which no FAB bundles)")
     parser.add_argument("--base", default="", help="base model (hub id or folder); default: the adapter's")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="precision of the saved weights")
     args = parser.parse_args(argv)
+    args.output = args.output or default_output(args.adapter)
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         parser.error(f"--output: '{args.output}' exists and is not an empty folder; nothing was written")
     try:

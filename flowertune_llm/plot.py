@@ -1,10 +1,11 @@
 """Plot loss over rounds from one or more runs' metrics.json: one line per run and loss.
 
-    python -m flowertune_llm.plot results/<run-a> results/<run-b> --output loss.png
+    flowertune plot results/<run-a> results/<run-b> --output loss.png
     python -m flowertune_llm.plot results/<run> --loss train eval server-eval --smooth 5
 
-Lines are labelled by setting (model and bits, from the run's run-config.toml) unless `--label`
-names them. `train` is the clients' mean local SFT loss of each round; `eval` the global adapter's
+Each run has one colour; its train loss is solid, eval dashed, server eval dotted, with a marker
+per round on integer round ticks. Lines are labelled by setting (model and bits, from the run's
+run-config.toml), plus the run's name where two runs share a setting, unless `--label` names them. `train` is the clients' mean local SFT loss of each round; `eval` the global adapter's
 loss on the clients' held-out shares (client federated evaluation); `server-eval` its loss on the
 server's held-out set. `--smooth k` draws the trailing mean of the last k rounds (the rounds before
 the k-th average what there is); the default, 1, draws the raw per-round values. The plot says which.
@@ -24,6 +25,7 @@ from pathlib import Path
 LOSSES = {"train": "train_loss", "eval": "eval_loss", "server-eval": "server_eval_loss"}
 LOSS_WORDS = {"train": "train", "eval": "client eval", "server-eval": "server eval"}
 LINE_STYLES = {"train": "-", "eval": "--", "server-eval": ":"}
+MARKERS = {"train": "o", "eval": "s", "server-eval": "^"}
 
 
 class RunFolderError(ValueError):
@@ -36,6 +38,7 @@ class RunCurves:
 
     label: str
     rounds: list[dict]
+    name: str = ""
 
     def series(self, loss: str) -> tuple[list[int], list[float]]:
         """Return (rounds, values) of a loss (a key of LOSSES), skipping rounds that lack it."""
@@ -63,7 +66,15 @@ def load_run(path: Path) -> RunCurves:
         rounds = json.loads(metrics_file.read_text(encoding="utf-8"))["rounds"]
     except (ValueError, KeyError, TypeError) as error:
         raise RunFolderError(f"'{metrics_file}' cannot be read: {type(error).__name__}: {error}") from None
-    return RunCurves(label=setting_label(metrics_file.parent), rounds=rounds)
+    return RunCurves(label=setting_label(metrics_file.parent), rounds=rounds, name=metrics_file.parent.name)
+
+
+def distinct_labels(runs: Sequence[RunCurves]) -> None:
+    """Add the run's name to every label that more than one run shares (same model and bits)."""
+    labels = [run.label for run in runs]
+    for run in runs:
+        if labels.count(run.label) > 1 and run.name:
+            run.label = f"{run.label} ({run.name})"
 
 
 def trailing_mean(values: Sequence[float], window: int) -> list[float]:
@@ -74,21 +85,26 @@ def trailing_mean(values: Sequence[float], window: int) -> list[float]:
 
 def plot_runs(runs: Sequence[RunCurves], losses: Sequence[str], smooth: int):
     """Return a matplotlib Figure with one line per run and loss (rounds on x, loss on y)."""
+    from matplotlib import rcParams
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 5), dpi=120)
     axes = figure.add_subplot()
-    for loss in losses:
-        for run in runs:
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, run in enumerate(runs):
+        for loss in losses:
             rounds, values = run.series(loss)
             if rounds:
                 suffix = f" ({LOSS_WORDS[loss]})" if len(losses) > 1 else ""
-                axes.plot(rounds, trailing_mean(values, smooth), LINE_STYLES[loss], label=run.label + suffix)
+                axes.plot(rounds, trailing_mean(values, smooth), linestyle=LINE_STYLES[loss], marker=MARKERS[loss],
+                          color=colours[index % len(colours)], label=run.label + suffix)
     if not axes.lines:
         raise RunFolderError("none of the runs recorded " + " or ".join(LOSSES[loss] for loss in losses))
     what = " / ".join(LOSS_WORDS[loss] for loss in losses)
     how = "raw per-round values" if smooth == 1 else f"trailing mean over {smooth} rounds"
     axes.set(xlabel="round", ylabel=f"{what} loss", title=f"{what.capitalize()} loss over rounds ({how})")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no 1.5
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -99,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse and check arguments, read the runs, write the PNG."""
     parser = argparse.ArgumentParser(prog="python -m flowertune_llm.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (results/<run>) or their metrics.json")
-    parser.add_argument("--output", type=Path, default=Path("loss-over-rounds.png"), help="PNG file to write")
+    # Under results/ (git-ignored): `flwr run` bundles every other file of the app folder into its FAB.
+    parser.add_argument("--output", type=Path, default=Path("results") / "loss-over-rounds.png", help="PNG file to write")
     parser.add_argument("--loss", nargs="+", choices=list(LOSSES), default=["train"], help="which losses to draw")
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over this many rounds (1 = none)")
     parser.add_argument("--label", nargs="+", default=None, help="one label per run (default: model and bits)")
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('matplotlib is not installed: pip install -e ".[plot]"')
     try:
         runs = [load_run(path) for path in args.runs]
+        distinct_labels(runs)
         for run, label in zip(runs, args.label or []):
             run.label = label
         figure = plot_runs(runs, args.loss, args.smooth)

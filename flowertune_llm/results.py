@@ -63,10 +63,32 @@ def run_folder(settings: ResultsSettings, config: AppConfig) -> Path:
     return folder
 
 
+def current_umask() -> int:
+    """Return the process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a temporary file (mkstemp: 0600) or folder (mkdtemp: 0700) the mode the user's umask gives."""
+    # mkstemp/mkdtemp are private on purpose; once renamed into place, results are ordinary files
+    # that the user's other accounts, group or backup tools may read, as `open` would have made them.
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
+def give_normal_modes(folder: Path) -> None:
+    """Give a staged folder and everything in it the modes the user's umask gives."""
+    give_normal_mode(folder, folder=True)
+    for path in folder.rglob("*"):
+        give_normal_mode(path, folder=path.is_dir())
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write text to `path` through a temporary file in the same folder and a rename."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        give_normal_mode(temporary)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
@@ -98,6 +120,7 @@ def save_checkpoint(folder: Path, arrays: ArrayRecord, server_round: int) -> Non
     os.close(handle)
     try:
         save_file(state, temporary, metadata={"round": str(server_round)})
+        give_normal_mode(temporary)  # after save_file: safetensors writes its files 0600
         os.replace(temporary, folder / CHECKPOINT)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -198,6 +221,7 @@ class RunRecorder:
         try:
             self.skeleton.save_pretrained(staging, safe_serialization=True)
             write_card(staging, card_for(self.config.model))
+            give_normal_modes(staging)  # mkdtemp's folder is 0700, safetensors' files 0600
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

@@ -23,8 +23,10 @@ from flowertune_llm.adapters import to_array_record
 from flowertune_llm.config import AppConfig, to_run_config
 from flowertune_llm.results import CHECKPOINT, METRICS, RUN_CONFIG
 
-# Keys that may differ between the interrupted run and its continuation.
-FREE_TO_CHANGE = ("train.resume-from", "results.dir", "results.run-name")
+# Keys that may differ between the interrupted run and its continuation. num-server-rounds may
+# grow (`flowertune resume RUN --num-server-rounds N` trains on): the rounds already done keep their
+# records, and the learning-rate schedule spans the new total from the next round on.
+FREE_TO_CHANGE = ("train.resume-from", "results.dir", "results.run-name", "num-server-rounds")
 
 
 class ResumeError(RuntimeError):
@@ -47,6 +49,21 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         for key in saved
         if key in current and key not in FREE_TO_CHANGE and saved[key] != current[key]
     ]
+
+
+def continuation_config(folder: Path, num_server_rounds: int | None = None) -> dict[str, Any]:
+    """Return the flat run config that continues the run in `folder` with its own saved settings."""
+    name = str(folder)
+    if not (folder / RUN_CONFIG).is_file():
+        raise ResumeError(f"RUN_FOLDER: '{name}' is not a run folder (it has no {RUN_CONFIG}); "
+                          "give a folder such as 'results/<run-name>'")
+    if num_server_rounds is not None and num_server_rounds < 1:
+        raise ResumeError(f"--num-server-rounds must be >= 1, got {num_server_rounds}")
+    saved = flatten_dict(tomllib.loads((folder / RUN_CONFIG).read_text(encoding="utf-8")))
+    saved["train.resume-from"] = str(folder.expanduser().resolve())
+    if num_server_rounds is not None:
+        saved["num-server-rounds"] = num_server_rounds
+    return saved
 
 
 def find_resume_point(config: AppConfig) -> ResumePoint:

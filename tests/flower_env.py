@@ -78,3 +78,38 @@ def stop_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_process_pids(flwr_home: Path) -> dict[int, str]:
+    """PIDs (with command lines) of a run's processes started under this Flower home.
+
+    Every process the local SuperLink starts inherits its FLWR_HOME; the SuperLink and its
+    SuperExec serve every run and are left out (tests stop them by PID at the end).
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" not in command and "flower-superexec" not in command:
+            found[int(entry.name)] = command
+    return found
+
+
+def start_local_superlink(env: dict[str, str], tries: int = 3) -> None:
+    """Start this home's local SuperLink (with `flwr ls`) before a test's run, retrying its start.
+
+    flwr 1.42 gives a starting local SuperLink 15 s; a loaded machine can take longer, and the
+    SuperLink then comes up anyway, so a second `flwr ls` finds it.
+    """
+    for _ in range(tries):
+        listed = flwr(["ls"], env, timeout=300)
+        if listed.returncode == 0:
+            return
+    raise AssertionError("the local SuperLink did not start:\n" + listed.stdout + listed.stderr)

@@ -128,7 +128,7 @@ def test_resuming_a_finished_run_only_writes_its_final_adapter(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"train.resume-from": "no/such/run"}, "train.resume-from: 'no/such/run' is not a folder"),
     ({"model.lora.r": 8}, "was started with other settings.* model.lora.r=16 \\(now 8\\)"),
-    ({"num-server-rounds": 3}, "num-server-rounds=2 \\(now 3\\)"),
+    ({"train.seq-length": 128}, "train.seq-length=256 \\(now 128\\)"),
 ])
 def test_resume_refuses_what_it_cannot_continue(tmp_path, change, message):
     folder = _finished_run(tmp_path)
