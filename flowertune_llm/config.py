@@ -31,6 +31,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "feda
 # Strategies whose server keeps state across rounds that a checkpoint does not hold.
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# What a run does when its clients train on CPU: nothing, a warning in the round line, or a stop.
+EXPECT_GPU_MODES = ("off", "warn", "stop")
 # The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
 BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -106,6 +108,8 @@ class TrainSettings:
     resume_from: str = MISSING
     # 0: trl's fused LM head computes the loss; N > 0: the loss is computed N tokens at a time.
     loss_chunk_tokens: int = MISSING
+    # off / warn / stop when a client trains on CPU (the GPU presets warn: a 3B base on CPU is days).
+    expect_gpu: str = MISSING
 
 
 @dataclass
@@ -295,6 +299,8 @@ def _check_values(config: AppConfig) -> list[str]:
             "a transformers optimizer name such as 'adamw_torch' or 'paged_adamw_8bit'")
     require(train.loss_chunk_tokens >= 0, "train.loss-chunk-tokens", train.loss_chunk_tokens,
             ">= 0 (0: trl's fused LM head; N: the loss computed N tokens at a time)")
+    require(train.expect_gpu in EXPECT_GPU_MODES, "train.expect-gpu", train.expect_gpu,
+            "one of " + ", ".join(EXPECT_GPU_MODES) + " (what a client training on CPU causes)")
     require(train.save_every_round >= 0, "train.save-every-round", train.save_every_round,
             ">= 0 (0 saves only the final adapter)")
     require(finite(strategy.fraction_train) and 0 < strategy.fraction_train <= 1,
