@@ -27,6 +27,7 @@ from flowertune_llm.adapters import (
 from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
 from flowertune_llm.data import load_client_data
 from flowertune_llm.devices import loss_settings, prepare_client_device
+from flowertune_llm.exact_match import exact_match, to_metrics
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
 from flowertune_llm.preflight import check_node_data
@@ -107,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Return the global adapter's loss on this node's held-out share."""
+    """Return the global adapter's loss and exact-match counts on this node's held-out share."""
     _quiet_progress_bars()
     config, node = _settings(context)
     prepare_client_device(config.train.expect_gpu)
@@ -115,7 +116,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, eval_data = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     if eval_data is None or len(eval_data) == 0:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
-    model = _model_with_global_adapter(config, msg, PhaseTimer())
-    eval_loss = evaluate_loss(model, load_tokenizer(config.model), eval_data, config.train)
-    metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": len(eval_data)})
+    timer = PhaseTimer()
+    model = _model_with_global_adapter(config, msg, timer)
+    tokenizer = load_tokenizer(config.model)
+    with timer.phase("eval-loss"):
+        eval_loss = evaluate_loss(model, tokenizer, eval_data, config.train)
+    with timer.phase("exact-match"):
+        counts = exact_match(model, tokenizer, eval_data, config.evaluate.exact_match_examples,
+                             config.evaluate.max_new_tokens, batch_size=config.train.batch_size)
+    metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": len(eval_data), **to_metrics(counts),
+                            **timer.metrics()})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

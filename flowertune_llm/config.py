@@ -140,6 +140,11 @@ class EvaluateSettings:
 
     server_dataset: str = MISSING
     server_every: int = MISSING
+    # Exact match (flowertune_llm/exact_match.py): greedy answers to at most this many held-out
+    # examples per evaluation (0 = off), each at most `max_new_tokens` long. Generation is the
+    # costly part of an evaluation, so both bound its time.
+    exact_match_examples: int = MISSING
+    max_new_tokens: int = MISSING
 
 
 @dataclass
@@ -319,6 +324,10 @@ def _check_values(config: AppConfig) -> list[str]:
             strategy.min_train_replies, f"<= strategy.min-train-nodes={strategy.min_train_nodes}")
     require(config.evaluate.server_every >= 1, "evaluate.server-every", config.evaluate.server_every,
             ">= 1 (rounds between server-side evaluations; the last round is always evaluated)")
+    require(config.evaluate.exact_match_examples >= 0, "evaluate.exact-match-examples",
+            config.evaluate.exact_match_examples, ">= 0 (0 = no exact-match evaluation)")
+    require(config.evaluate.max_new_tokens >= 1, "evaluate.max-new-tokens", config.evaluate.max_new_tokens,
+            ">= 1 (the longest answer generated, in tokens)")
     require(config.transfer.dtype in TRANSFER_DTYPES, "transfer.dtype", config.transfer.dtype,
             "one of " + ", ".join(TRANSFER_DTYPES))
     require(finite(strategy.round_timeout) and strategy.round_timeout > 0, "strategy.round-timeout",

@@ -32,6 +32,9 @@ BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
 BUILTIN_HELDOUT_NAME = "builtin:tiny-instructions-heldout"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 RESPONSE_COLUMNS = ("output", "response")
+# The task of each record (the built-in data has one); it is kept beside prompt and completion so
+# that evaluation can report per task. trl drops it from training batches (not a model input).
+TASK_COLUMN = "category"
 
 
 class DatasetSourceError(ValueError):
@@ -161,7 +164,8 @@ def to_prompt_completion(records: Dataset, columns: ColumnMapping = ColumnMappin
             "completion": _text(record[response]),
         }
 
-    return records.map(convert, remove_columns=records.column_names)
+    dropped = [name for name in records.column_names if name != TASK_COLUMN]
+    return records.map(convert, remove_columns=dropped)
 
 
 def load_client_data(

@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flowertune_llm.adapters import WIRE_DTYPES
+from flowertune_llm.exact_match import is_per_task_key
 
 NUM_EXAMPLES_KEY = "num-examples"
 
@@ -68,5 +69,8 @@ def check_evaluate_reply(reply: Message) -> str | None:
 
 
 def metric_keys(reply: Message) -> frozenset[str]:
-    """Return the metric names of a reply (replies averaged together must share them)."""
-    return frozenset(reply.content.metric_records["metrics"].keys())
+    """Return the metric names of a reply that replies averaged together must share.
+
+    Per-task exact-match counts are left out: a client's held-out share need not hold every task.
+    """
+    return frozenset(key for key in reply.content.metric_records["metrics"].keys() if not is_per_task_key(key))

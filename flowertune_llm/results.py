@@ -184,8 +184,13 @@ class RunRecorder:
             parts.append(f"| train loss {record['train_loss']:.4f}")
         if "eval_loss" in record:
             parts.append(f"| eval loss {record['eval_loss']:.4f} (ppl {record['eval_perplexity']:.1f})")
+        if "eval_exact_match" in record:
+            parts.append(f"| exact match {record['eval_exact_match']:.1%} of {record['eval_exact_match_examples']}")
         if "server_eval_loss" in record:
             parts.append(f"| server eval loss {record['server_eval_loss']:.4f}")
+        if "server_exact_match" in record:
+            parts.append(f"| server exact match {record['server_exact_match']:.1%} of "
+                         f"{record['server_exact_match_examples']}")
         if "privacy_epsilon" in record:
             parts.append(f"| privacy spent: epsilon {record['privacy_epsilon']:.2f} at delta {record['privacy_delta']:g}")
         parts.append(f"| lr {record.get('learning_rate', float('nan')):.2e}")
@@ -208,8 +213,28 @@ class RunRecorder:
         return target
 
     def finish(self, arrays: ArrayRecord) -> Path:
-        """Save the final global adapter and return its folder."""
+        """Save the final global adapter, log the last round's exact match per task, return the folder."""
+        for line in self.per_task_table():
+            log(INFO, "%s", line)
         return self.save_adapter(arrays, FINAL_ADAPTER)
+
+    def per_task_table(self) -> list[str]:
+        """Return the last round's exact match per task as table lines (none without per-task figures)."""
+        last = self.rounds[-1] if self.rounds else {}
+        columns = [(title, last[key]) for title, key in (("clients' held-out", "eval_exact_match_per_task"),
+                                                          ("server held-out", "server_exact_match_per_task"))
+                   if last.get(key)]
+        if not columns:
+            return []
+        tasks = sorted({task for _, per_task in columns for task in per_task})
+        width = max(len("task"), *(len(task) for task in tasks))
+        lines = [f"Exact match after round {last['round']}, per task:",
+                 "  " + "task".ljust(width) + "".join(f" | {title:>17}" for title, _ in columns)]
+        for task in tasks:
+            cells = "".join(f" | {per_task[task]:>17.1%}" if task in per_task else f" | {'-':>17}"
+                            for _, per_task in columns)
+            lines.append("  " + task.ljust(width) + cells)
+        return lines
 
     def _write_metrics(self) -> None:
         document: dict[str, Any] = {

@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
         run_round = strategy.run_round(server_round)
         stats = dict(strategy.round_stats.get(run_round, {}))
         if evaluator and evaluator.is_due(run_round):
-            stats["server_eval_loss"] = evaluator.loss(arrays)
+            stats.update(evaluator.evaluate(arrays))
         recorder.end_round(run_round, arrays, stats)
         check_round_device(config.train.expect_gpu, run_round, recorder.rounds[-1].get("device"))
 

@@ -1,4 +1,4 @@
-"""Server-side evaluation: the global adapter's loss on a held-out set that the server holds.
+"""Server-side evaluation: the global adapter's loss and exact match on a held-out set the server holds.
 
 Off by default (`evaluate.server-dataset = ""`): it needs the base model's weights on the server,
 which the server otherwise never loads. When on, the quantized base is built once, at the first
@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig
 from flowertune_llm.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
+from flowertune_llm.exact_match import exact_match, record_fields
 from flowertune_llm.model import build_peft_model, load_tokenizer
 from flowertune_llm.preflight import read_local_records
 from flowertune_llm.training import evaluate_loss
@@ -56,10 +57,14 @@ class ServerEvaluator:
         every = self.config.evaluate.server_every
         return server_round % every == 0 or server_round == self.config.num_server_rounds
 
-    def loss(self, arrays: ArrayRecord) -> float:
-        """Return the mean response-token loss of the global adapter on the held-out set."""
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, object]:
+        """Return the global adapter's mean response-token loss and exact match on the held-out set."""
         if self._model is None:
             self._model = build_peft_model(self.config.model)
             self._tokenizer = load_tokenizer(self.config.model)
         load_adapter_state(self._model, from_array_record(arrays))
-        return evaluate_loss(self._model, self._tokenizer, self.data, self.config.train)
+        loss = evaluate_loss(self._model, self._tokenizer, self.data, self.config.train)
+        settings = self.config.evaluate
+        counts = exact_match(self._model, self._tokenizer, self.data, settings.exact_match_examples,
+                             settings.max_new_tokens, batch_size=self.config.train.batch_size)
+        return {"server_eval_loss": loss, **record_fields(counts, "server_exact_match")}

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 
 from flowertune_llm.adapters import apply_update, from_array_record, record_bytes, to_array_record, to_float32
 from flowertune_llm.config import AppConfig, StrategySettings
+from flowertune_llm.exact_match import combine_counts, from_metrics, record_fields, without_per_task_keys
 from flowertune_llm.replies import NUM_EXAMPLES_KEY, check_evaluate_reply, check_train_reply, metric_keys
 
 LEARNING_RATE_KEY = "learning-rate"
@@ -151,7 +152,7 @@ class LoraRounds:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Average the valid replies' held-out losses by example count."""
+        """Average the valid replies' held-out losses by example count; sum their exact-match counts."""
         run_round = self.run_round(server_round)
         replies = list(replies)
         failures = [reply for reply in replies if reply.has_error()]
@@ -167,9 +168,16 @@ class LoraRounds:
         )
         if not valid:
             return None
+        # Right answers over questions asked, all clients together: the example-weighted mean.
+        counts = combine_counts(from_metrics(reply.content["metrics"]) for reply in valid)
+        stats.update(record_fields(counts, "eval_exact_match"))
+        for reply in valid:
+            reply.content["metrics"] = without_per_task_keys(reply.content["metrics"])
         metrics = super().aggregate_evaluate(server_round, valid + failures)
         if metrics is not None and "eval_loss" in metrics:
             stats["eval_loss"] = float(metrics["eval_loss"])
+            if "time-exact-match-s" in metrics:
+                stats["eval_time_exact_match_s"] = round(float(metrics["time-exact-match-s"]), 4)
         return metrics
 
     def _log_lost_replies(self, run_round: int, kind: str, sampled: int, replies: list[Message]) -> None:

@@ -78,6 +78,8 @@ BAD_VALUES = [
     ("strategy.fraction-evaluate", 1.5, "strategy.fraction-evaluate must be in [0, 1], got 1.5"),
     ("strategy.min-train-nodes", 0, "strategy.min-train-nodes must be >= 1, got 0"),
     ("strategy.round-timeout", 0, "strategy.round-timeout must be > 0 seconds, got 0.0"),
+    ("evaluate.exact-match-examples", -1, "evaluate.exact-match-examples must be >= 0 (0 = no exact-match evaluation), got -1"),
+    ("evaluate.max-new-tokens", 0, "evaluate.max-new-tokens must be >= 1"),
     ("results.dir", "", "results.dir must be a folder path"),
     ("results.run-name", "../elsewhere", "results.run-name must be empty"),
 ]

@@ -48,7 +48,7 @@ def test_shipped_heldout_set_is_regenerated_and_asks_nothing_the_clients_see(tmp
     seen = {(r["instruction"], r["input"]) for r in generate_examples()}
     assert len(heldout) == 180 and not any((r["instruction"], r["input"]) in seen for r in heldout)
     data = load_heldout_data("builtin:tiny-instructions-heldout")
-    assert data.column_names == ["prompt", "completion"] and len(data) == 180
+    assert data.column_names == ["category", "prompt", "completion"] and len(data) == 180
 
 
 def test_alpaca_prompt_with_and_without_input():

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from flowertune_llm.adapters import adapter_state
 from flowertune_llm.config import parse_config
+from flowertune_llm.data import load_client_data
 from flowertune_llm.model import build_adapter_skeleton, resolve_model_path
 
 from conftest import default_run_config
@@ -56,6 +57,13 @@ def test_two_rounds_two_clients(tmp_path, model_name, bits):
     assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
     assert rounds[1]["eval_loss"] < rounds[0]["eval_loss"]
     assert rounds[0]["learning_rate"] > rounds[1]["learning_rate"]
+    # Every round reports exact match over both clients' held-out shares (at most 64 examples each).
+    held_out = [load_client_data(config.dataset, p, 2)[1] for p in (0, 1)]
+    asked = [share.select(range(min(config.evaluate.exact_match_examples, len(share)))) for share in held_out]
+    for record in rounds:
+        assert 0.0 <= record["eval_exact_match"] <= 1.0
+        assert record["eval_exact_match_examples"] == sum(len(share) for share in asked)
+        assert set(record["eval_exact_match_per_task"]) == {task for share in asked for task in share["category"]}
 
     # The base checkpoint is untouched; only adapter tensors were saved.
     assert _sha256(weights_file) == weights_before

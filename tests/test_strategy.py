@@ -210,3 +210,22 @@ def test_lost_and_failed_nodes_are_logged_and_the_round_goes_on(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert f"Round 1: train failed, reported by node {sent[1].metadata.dst_node_id}: client raised" in warnings
     assert any("1 of 3 sampled nodes sent no train reply within strategy.round-timeout" in w for w in warnings)
+
+
+def test_exact_match_is_summed_over_clients_whatever_tasks_each_holds():
+    strategy = LoraFedAvg(learning_rate=lambda r: 0.1)
+    sent = list(strategy.configure_evaluate(1, to_array_record(GLOBAL), ConfigRecord(), Grid(2)))
+
+    def reply(message, examples, counts):
+        metrics = MetricRecord({"eval_loss": 2.0, "num-examples": examples, **counts})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    # Client 1 holds only task a; client 2 tasks a and b: both replies are valid and summed.
+    first = {"exact-match-correct": 1, "exact-match-total": 4, "exact-match-correct/a": 1, "exact-match-total/a": 4}
+    second = {"exact-match-correct": 5, "exact-match-total": 8, "exact-match-correct/a": 2, "exact-match-total/a": 2,
+              "exact-match-correct/b": 3, "exact-match-total/b": 6}
+    metrics = strategy.aggregate_evaluate(1, [reply(sent[0], 4, first), reply(sent[1], 8, second)])
+    stats = strategy.round_stats[1]
+    assert stats["eval_rejected"] == 0 and metrics["eval_loss"] == pytest.approx(2.0)
+    assert stats["eval_exact_match"] == pytest.approx(6 / 12) and stats["eval_exact_match_examples"] == 12
+    assert stats["eval_exact_match_per_task"] == pytest.approx({"a": 3 / 6, "b": 3 / 6})
