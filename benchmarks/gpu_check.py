@@ -161,7 +161,10 @@ def step_ray_actors(context: dict[str, Any]) -> dict[str, Any]:
 
 def step_device_tests(context: dict[str, Any]) -> dict[str, Any]:
     """The test suite's device-aware tests (models fed on their own device), on this machine."""
-    files = ["tests/test_devices.py", "tests/test_quantized_cache.py", "tests/test_kept_model.py"]
+    files = ["tests/test_devices.py", "tests/test_quantized_cache.py", "tests/test_kept_model.py",
+             # LoRA weights and optimizer state float32 inside trl's trainer, compute bf16: on CUDA here.
+             "tests/test_numerics.py::test_lora_weights_and_optimizer_state_are_float32_in_the_trainer_and_compute_is_bf16",
+             "tests/test_chunked_loss.py::test_chunked_loss_matches_the_full_logits_loss"]
     # In a dry run (itself run by the tests) collecting them is enough: running them would recurse.
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                *(["--collect-only"] if context["dry_run"] else ["-k", "not each_round_of_a_cpu_run"])]
@@ -251,16 +254,20 @@ def step_kept_model(context: dict[str, Any]) -> dict[str, Any]:
     data, _ = load_client_data(config.dataset, 0, 2)
     tokenizer = load_tokenizer(config.model)
     on_gpu = torch.cuda.is_available()
-    after_round = []
+    after_round, lora_dtypes = [], set()
     for round_number in (1, 2, 3):
         model = kept_model.peft_model(config.model, reuse=True)
         train_adapter(model, tokenizer, data, config.train, learning_rate=5e-5, seed=round_number)
+        lora_dtypes |= {str(p.dtype) for p in model.parameters() if p.requires_grad}
         del model
         after_round.append(round(torch.cuda.memory_allocated() / 2**20, 1) if on_gpu else 0.0)
     other = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, r=4))
     kept_model.peft_model(other, reuse=True)
     after_replacement = round(torch.cuda.memory_allocated() / 2**20, 1) if on_gpu else 0.0
-    figures = {"allocated_after_round_mb": after_round, "allocated_after_replacement_mb": after_replacement}
+    figures = {"allocated_after_round_mb": after_round, "allocated_after_replacement_mb": after_replacement,
+               "lora_dtypes": sorted(lora_dtypes)}
+    if lora_dtypes != {"torch.float32"}:
+        raise RuntimeError(f"trainable LoRA weights are not float32 after training: {figures}")
     # Flat: the third round holds no more than the first (64 MB of slack for the allocator's rounding).
     if after_round[2] > after_round[0] + 64 or after_replacement > after_round[0] + 64:
         raise RuntimeError(f"memory grows across kept-model rounds or replacement: {figures}")

@@ -140,6 +140,9 @@ class EvaluateSettings:
 
     server_dataset: str = MISSING
     server_every: int = MISSING
+    # Where the server evaluates: "cpu", "cuda" (its first GPU) or "cuda:N"; in a child process that
+    # sees that device only, so its model is gone when the evaluation ends.
+    server_device: str = MISSING
     # Exact match (flowertune_llm/exact_match.py): greedy answers to at most this many held-out
     # examples per evaluation (0 = off), each at most `max_new_tokens` long. Generation is the
     # costly part of an evaluation, so both bound its time.
@@ -322,6 +325,8 @@ def _check_values(config: AppConfig) -> list[str]:
         require(value >= 1, key, value, ">= 1")
     require(strategy.min_train_replies <= strategy.min_train_nodes, "strategy.min-train-replies",
             strategy.min_train_replies, f"<= strategy.min-train-nodes={strategy.min_train_nodes}")
+    require(re.fullmatch(r"cpu|cuda(:[0-9]+)?", config.evaluate.server_device) is not None,
+            "evaluate.server-device", config.evaluate.server_device, "'cpu', 'cuda' or 'cuda:N' (N: a GPU index)")
     require(config.evaluate.server_every >= 1, "evaluate.server-every", config.evaluate.server_every,
             ">= 1 (rounds between server-side evaluations; the last round is always evaluated)")
     require(config.evaluate.exact_match_examples >= 0, "evaluate.exact-match-examples",
