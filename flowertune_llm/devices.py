@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -130,8 +131,6 @@ def check_expected_gpu(device: TrainingDevice, expect_gpu: str) -> None:
 
 def ray_gpu_share() -> float | None:
     """Return the GPU share Ray gave this process's actor (e.g. 0.5), or None outside Ray or without one."""
-    import sys
-
     ray = sys.modules.get("ray")  # imported by Flower's Ray backend in its actors; never imported here
     if ray is None or not ray.is_initialized():
         return None
