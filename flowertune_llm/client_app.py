@@ -26,13 +26,14 @@ from flowertune_llm.adapters import (
 )
 from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
 from flowertune_llm.data import load_client_data
+from flowertune_llm.devices import loss_settings, prepare_client_device
 from flowertune_llm.exact_match import exact_match, to_metrics
 from flowertune_llm.kept_model import peft_model
 from flowertune_llm.model import load_tokenizer
 from flowertune_llm.preflight import check_node_data
 from flowertune_llm.privacy import clipping_mod
 from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
-from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics
+from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
 from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
 
 app = ClientApp()
@@ -72,6 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     _quiet_progress_bars()
     timer = PhaseTimer()
     config, node = _settings(context)
+    # Before any model exists: the device checks (devices.py), and this message's memory peaks.
+    device = prepare_client_device(config.train.expect_gpu)
+    reset_peak_memory()
     with timer.phase("data"):
         check_node_data(node)
         train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
@@ -82,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             model,
             load_tokenizer(config.model),
             train_data,
-            config.train,
+            loss_settings(config.train, device),
             learning_rate=float(round_config[LEARNING_RATE_KEY]),
             seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), node.seed_offset),
             proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
@@ -96,6 +100,8 @@ def train(msg: Message, context: Context) -> Message:
         "train-tokens-per-s": outcome.tokens / max(timer.seconds["train"], 1e-9),
         **timer.metrics(),
         **peak_memory_metrics(),
+        # 1 on a CUDA GPU, 0 on the CPU; the round's mean says where its clients trained (metrics.json `device`).
+        "trained-on-gpu": float(device.on_gpu),
     })
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -105,6 +111,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss and exact-match counts on this node's held-out share."""
     _quiet_progress_bars()
     config, node = _settings(context)
+    prepare_client_device(config.train.expect_gpu)
     check_node_data(node)
     _, eval_data = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     if eval_data is None or len(eval_data) == 0:

@@ -31,6 +31,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "feda
 # Strategies whose server keeps state across rounds that a checkpoint does not hold.
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# What a run does when its clients train on CPU: nothing, a warning in the round line, or a stop.
+EXPECT_GPU_MODES = ("off", "warn", "stop")
 # The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
 BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -106,6 +108,8 @@ class TrainSettings:
     resume_from: str = MISSING
     # 0: trl's fused LM head computes the loss; N > 0: the loss is computed N tokens at a time.
     loss_chunk_tokens: int = MISSING
+    # off / warn / stop when a client trains on CPU (the GPU presets warn: a 3B base on CPU is days).
+    expect_gpu: str = MISSING
 
 
 @dataclass
@@ -136,6 +140,9 @@ class EvaluateSettings:
 
     server_dataset: str = MISSING
     server_every: int = MISSING
+    # Where the server evaluates: "cpu", "cuda" (its first GPU) or "cuda:N"; in a child process that
+    # sees that device only, so its model is gone when the evaluation ends.
+    server_device: str = MISSING
     # Exact match (flowertune_llm/exact_match.py): greedy answers to at most this many held-out
     # examples per evaluation (0 = off), each at most `max_new_tokens` long. Generation is the
     # costly part of an evaluation, so both bound its time.
@@ -300,6 +307,8 @@ def _check_values(config: AppConfig) -> list[str]:
             "a transformers optimizer name such as 'adamw_torch' or 'paged_adamw_8bit'")
     require(train.loss_chunk_tokens >= 0, "train.loss-chunk-tokens", train.loss_chunk_tokens,
             ">= 0 (0: trl's fused LM head; N: the loss computed N tokens at a time)")
+    require(train.expect_gpu in EXPECT_GPU_MODES, "train.expect-gpu", train.expect_gpu,
+            "one of " + ", ".join(EXPECT_GPU_MODES) + " (what a client training on CPU causes)")
     require(train.save_every_round >= 0, "train.save-every-round", train.save_every_round,
             ">= 0 (0 saves only the final adapter)")
     require(finite(strategy.fraction_train) and 0 < strategy.fraction_train <= 1,
@@ -316,6 +325,8 @@ def _check_values(config: AppConfig) -> list[str]:
         require(value >= 1, key, value, ">= 1")
     require(strategy.min_train_replies <= strategy.min_train_nodes, "strategy.min-train-replies",
             strategy.min_train_replies, f"<= strategy.min-train-nodes={strategy.min_train_nodes}")
+    require(re.fullmatch(r"cpu|cuda(:[0-9]+)?", config.evaluate.server_device) is not None,
+            "evaluate.server-device", config.evaluate.server_device, "'cpu', 'cuda' or 'cuda:N' (N: a GPU index)")
     require(config.evaluate.server_every >= 1, "evaluate.server-every", config.evaluate.server_every,
             ">= 1 (rounds between server-side evaluations; the last round is always evaluated)")
     require(config.evaluate.exact_match_examples >= 0, "evaluate.exact-match-examples",

@@ -11,6 +11,9 @@ every time: there the base is built per message, as without it.
 
 from __future__ import annotations
 
+import gc
+
+import torch
 from peft import PeftModel
 
 from flowertune_llm.config import ModelSettings
@@ -28,8 +31,23 @@ def peft_model(settings: ModelSettings, reuse: bool) -> PeftModel:
         # Gradients of the last step of the previous round must not leak into this one.
         model.zero_grad(set_to_none=True)
         return model
-    _kept = None  # free the old model before building another
+    # The model this replaces (kept, or built for an earlier message without reuse) goes first.
+    _kept = None
+    release_memory()
     model = build_peft_model(settings)
     if reuse:
         _kept = (key, model)
     return model
+
+
+def release_memory() -> None:
+    """Free models nothing refers to any more, and hand their GPU memory back to the driver.
+
+    Dropping the last reference is not enough: trl and accelerate leave bound methods of the
+    trainer on the model (a reference cycle), so an old base stays alive until the cycle collector
+    runs, and two bases would share the GPU. PyTorch's caching allocator then still holds the
+    freed blocks; `empty_cache` returns them, so another process on the same GPU can use them.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -9,10 +9,14 @@ files, picks free loopback ports, starts the processes and remembers their PIDs:
 `up` writes, under `--dir` (default `local-deployment/`, git-ignored, so never bundled into the app):
   certificates/, supernode-keys/   a test CA, the SuperLink's certificate, one key pair per SuperNode
   data/supernode-<i>.jsonl         each SuperNode's own training data (or the files given with --data-files)
+  quantized-cache/                 the nodes' cache of quantized bases (none with --no-quantized-cache)
   logs/                            superlink.log, supernode-<i>.log, flwr-cli.log
   deployment.json                  PIDs, ports and node IDs, read by `down`
 and adds the SuperLink connection (`remote-deployment`) to the Flower config file ($FLWR_HOME/config.toml,
 default ~/.flwr); `down` stops every process by PID and removes the connection again.
+On a GPU machine SuperNode i sees GPU i mod (number of GPUs) only (its CUDA_VISIBLE_DEVICES, which
+its ClientApp processes inherit): trl trains on one GPU per process, and without a pin every node
+would use GPU 0.
 The ServerApp runs under the SuperLink, whose working directory is where `up` was run: a run's
 `results.dir` (default `results`) is relative to that folder.
 """
@@ -37,6 +41,8 @@ from flowertune_llm.credentials import make_supernode_key, make_tls_files
 
 DEFAULT_DIR = Path("local-deployment")
 DEFAULT_CONNECTION = "remote-deployment"
+# Under --dir: a ClientApp process serves one message, so without a cache every round re-quantizes.
+DEFAULT_CACHE = "quantized-cache"
 STATE_FILE = "deployment.json"
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 90.0
@@ -55,6 +61,7 @@ class StartedProcess:
     pid: int
     log: str
     program: str
+    gpu: str | None = None  # the one GPU it sees (CUDA_VISIBLE_DEVICES), None: as the launcher
 
 
 @dataclass
@@ -117,13 +124,15 @@ def flower_binary(name: str) -> str:
     return found
 
 
-def start_process(command: list[str], log: Path, cwd: Path | None = None) -> int:
-    """Start `command` in a process group of its own, its output written to `log`; return its PID."""
+def start_process(command: list[str], log: Path, cwd: Path | None = None, gpu: str | None = None) -> int:
+    """Start `command` in a process group of its own (seeing GPU `gpu` only, if given), output to `log`; return its PID."""
+    from flowertune_llm.devices import one_gpu_environment
+
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as stream:
         process = subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=cwd, env=flower_environment(), start_new_session=True,
+            cwd=cwd, env=one_gpu_environment(flower_environment(), gpu), start_new_session=True,
         )
     return process.pid
 
@@ -279,14 +288,19 @@ def superlink_command(port: int, certificates: Path) -> list[str]:
     ]
 
 
-def supernode_command(address: str, ca_certificate: Path, private_key: Path, data_path: Path) -> list[str]:
+def supernode_command(
+    address: str, ca_certificate: Path, private_key: Path, data_path: Path, quantized_cache_dir: Path | None = None
+) -> list[str]:
     """Return a SuperNode's command: dial the SuperLink over TLS, sign in with its key, train on its file."""
+    node_config = f"data-path='{data_path}'"
+    if quantized_cache_dir is not None:
+        node_config += f" quantized-cache-dir='{quantized_cache_dir}'"
     return [
         flower_binary("flower-supernode"),
         "--superlink", address,
         "--root-certificates", str(ca_certificate),
         "--auth-supernode-private-key", str(private_key),
-        "--node-config", f"data-path='{data_path}'",
+        "--node-config", node_config,
         # Its own local API port for its ClientApp processes: two SuperNodes on one host need two.
         "--host", HOST, "--port", str(free_port()),
     ]
@@ -325,9 +339,12 @@ def up(
     data_files: Sequence[Path] = (),
     connection: str = DEFAULT_CONNECTION,
     timeout_s: float = START_TIMEOUT_S,
+    quantized_cache: bool = True,
 ) -> Deployment:
     """Start a SuperLink and SuperNodes on loopback ports; register the nodes; add the connection."""
     from flwr.supercore.utils import get_flwr_home
+
+    from flowertune_llm.devices import gpus_for_processes, visible_gpus
 
     folder = folder.resolve()
     if (folder / STATE_FILE).exists():
@@ -347,6 +364,9 @@ def up(
     tls = make_tls_files(folder / "certificates")
     keys = [make_supernode_key(folder / "supernode-keys", f"supernode-{i}") for i in range(num_supernodes)]
     nodes_data = [Path(p).resolve() for p in data_files] or write_node_data(folder / "data", num_supernodes)
+    # One folder for all nodes of this host: entries are written atomically, the first build wins.
+    cache = folder / DEFAULT_CACHE if quantized_cache else None
+    nodes_gpu = gpus_for_processes(num_supernodes, visible_gpus())
 
     port = free_port()
     deployment = Deployment(
@@ -362,11 +382,12 @@ def up(
         _wait_for_port(port, pid, log, timeout_s)
         add_connection(connection, deployment.address, tls.ca_certificate)
         deployment.node_ids = [register_supernode(key.public_key, connection, cli_log) for key in keys]
-        for index, (key, data_path) in enumerate(zip(keys, nodes_data)):
+        for index, (key, data_path, gpu) in enumerate(zip(keys, nodes_data, nodes_gpu)):
             log = logs / f"supernode-{index}.log"
-            command = supernode_command(deployment.address, tls.ca_certificate, key.private_key, data_path)
-            pid = start_process(command, log)
-            deployment.processes.append(StartedProcess(f"supernode-{index}", pid, str(log), "flower-supernode"))
+            command = supernode_command(deployment.address, tls.ca_certificate, key.private_key, data_path, cache)
+            pid = start_process(command, log, gpu=gpu)
+            deployment.processes.append(
+                StartedProcess(f"supernode-{index}", pid, str(log), "flower-supernode", gpu=gpu))
             deployment.save()
         _wait_until_online(deployment, cli_log, timeout_s)
     except BaseException:
@@ -400,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="number of SuperNodes (default: one per --data-files file, else 2)")
     start.add_argument("--data-files", type=Path, nargs="+", default=[],
                        help="one data file per SuperNode (default: the built-in data split over the nodes)")
+    start.add_argument("--no-quantized-cache", action="store_true",
+                       help=f"give the nodes no quantized-base cache (default: <dir>/{DEFAULT_CACHE})")
     start.add_argument("--connection", default=DEFAULT_CONNECTION,
                        help=f"name of the SuperLink connection to add (default {DEFAULT_CONNECTION})")
     stop = commands.add_parser("down", help="stop the deployment by PID and remove its connection")
@@ -412,11 +435,13 @@ def main(argv: list[str] | None = None) -> None:
             supernodes = args.supernodes if args.supernodes is not None else (len(args.data_files) or 2)
             if supernodes < 1:
                 parser.error("--supernodes must be >= 1")
-            deployment = up(args.dir, supernodes, args.data_files, args.connection)
+            deployment = up(args.dir, supernodes, args.data_files, args.connection,
+                            quantized_cache=not args.no_quantized_cache)
             print(f"SuperLink {deployment.address} (TLS, SuperNode authentication on), PID "
                   f"{deployment.process('superlink').pid}")
             for process, node_id, data in zip(deployment.processes[1:], deployment.node_ids, deployment.data_files):
-                print(f"{process.name}: node {node_id}, PID {process.pid}, data-path={data}")
+                device = f"GPU {process.gpu}" if process.gpu is not None else "no GPU pinned"
+                print(f"{process.name}: node {node_id}, PID {process.pid}, data-path={data}, {device}")
             print(f"Connection '{deployment.connection}' added to {Path(deployment.flwr_home) / 'config.toml'}")
             print(f"Logs: {Path(deployment.folder) / 'logs'}")
             print(f"Results of runs go to {Path(deployment.results_base) / 'results'} (results.dir is relative to it)")

@@ -8,9 +8,12 @@
 For each setting (a preset name, a preset file, `tiny` = the app's defaults, or the CPU-sized
 random models `cpu-mid` and `cpu-16x512` of BUILTIN_SETTINGS) it builds one client's training
 exactly as a client does (the same quantized loading, k-bit preparation, LoRA and trl SFT trainer)
-and runs `--steps` real optimizer steps; then it reports the peak memory of that process: peak
-GPU memory on an NVIDIA GPU, peak resident memory (RSS) on a CPU. Every measurement runs in a
-fresh process, so one never inherits another's peak.
+and runs `--steps` real optimizer steps; then it reports the peak memory of that process: on an
+NVIDIA GPU the peak while loading, then (peaks reset) the peak while training, allocated and
+reserved, and what NVML reports for the whole process (CUDA context included: what nvidia-smi
+and the reference's table show; needs the optional `nvidia-ml-py`); peak resident memory (RSS) on
+a CPU. Every measurement runs in a fresh process that sees one GPU, so one never inherits
+another's peak and trl never sees several GPUs.
 
 No weights are needed: for the reference models it builds a checkpoint of the exact architecture
 (the public config values of OpenLLaMA 3B v2 / 7B v2 and Llama-2-7B) with random weights, once,
@@ -208,7 +211,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_peft_model(config.model, upcast_embeddings=variant in ("reference-stack", "fused-loss"))
     result["load_s"] = time.perf_counter() - started
     if on_gpu:
+        # Loading has its own spike (bf16 shards before packing); training's peak is measured apart.
         result["gpu_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
+        result["peak_gpu_load_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_load_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        torch.cuda.reset_peak_memory_stats()
     result["rss_after_load_mb"] = _rss_mb()
     train = config.train
     if variant == "chunked-loss":
@@ -230,18 +237,49 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if on_gpu:
         result["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        result["gpu_device_used_mb"] = (total - free) / 2**20  # the whole GPU, every process on it
+        # The caching allocator still holds the training peak here, so this is that peak plus the context.
+        process_mb = gpu_process_memory_mb(os.getpid())
+        if process_mb is not None:
+            result["gpu_process_nvml_mb"] = process_mb
     result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return result
 
 
+def gpu_process_memory_mb(pid: int) -> float | None:
+    """Return the GPU memory NVML counts for process `pid` (all GPUs), or None without nvidia-ml-py or a match.
+
+    In a container NVML may list host PIDs, which then match nothing: None, not 0.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    try:
+        used = [process.usedGpuMemory
+                for index in range(pynvml.nvmlDeviceGetCount())
+                for process in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(index))
+                if process.pid == pid and process.usedGpuMemory is not None]
+    finally:
+        pynvml.nvmlShutdown()
+    return sum(used) / 2**20 if used else None
+
+
 def run_measurement(run_config: dict[str, Any], variant: str, steps: int) -> dict[str, Any]:
-    """Measure one setting and variant in a fresh Python process and return what it reported."""
+    """Measure one setting and variant in a fresh Python process (seeing one GPU) and return what it reported."""
+    from flowertune_llm.devices import one_gpu_environment, visible_gpus
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump({"run_config": run_config, "variant": variant, "steps": steps}, handle)
+    gpus = visible_gpus()
     try:
         completed = subprocess.run(
             [sys.executable, "-m", "flowertune_llm.memory_report", "--measure", handle.name],
             capture_output=True, text=True, check=False,
+            # trl refuses to train with several GPUs visible; the first one is measured.
+            env=one_gpu_environment(os.environ, gpus[0] if gpus else None),
         )
     finally:
         os.unlink(handle.name)
@@ -261,15 +299,20 @@ class Measurement:
 
     @property
     def peak_gb(self) -> float:
-        """Return the compared figure in GB: peak reserved GPU memory where measured, else peak RSS."""
+        """Return the compared figure in GB: NVML's process figure, else the larger reserved peak, else peak RSS."""
         figures = self.figures
-        return figures.get("peak_gpu_reserved_mb", figures["peak_rss_mb"]) / 1024
+        if "gpu_process_nvml_mb" in figures:
+            return figures["gpu_process_nvml_mb"] / 1024
+        if "peak_gpu_reserved_mb" in figures:
+            return max(figures["peak_gpu_reserved_mb"], figures.get("peak_gpu_load_reserved_mb", 0.0)) / 1024
+        return figures["peak_rss_mb"] / 1024
 
 
 def table(measurements: list[Measurement], settings: list[str], variants: list[str]) -> str:
     """Return the reference's table layout: one column per setting, the reference's row first."""
     on_gpu = any("peak_gpu_reserved_mb" in m.figures for m in measurements)
-    unit = "peak GPU memory (reserved)" if on_gpu else "peak RSS, CPU"
+    nvml = all("gpu_process_nvml_mb" in m.figures for m in measurements)
+    unit = "GPU memory of the process (NVML)" if nvml else "peak GPU memory (reserved)" if on_gpu else "peak RSS, CPU"
     header = ["Models", *(REFERENCE_TITLES.get(s, s) for s in settings)]
     rows = [["VRAM (reference)", *(f"~{REFERENCE_VRAM_GB[s]:.2f} GB" if s in REFERENCE_VRAM_GB else "–"
                                    for s in settings)]]

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from flowertune_llm.adapter_card import card_for, write_card
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig, ResultsSettings, to_run_config
+from flowertune_llm.devices import expected_gpu_note, round_device
 
 FINAL_ADAPTER = "adapter-final"
 CHECKPOINT = "checkpoint.safetensors"
@@ -162,6 +163,9 @@ class RunRecorder:
     def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
         """Record a finished round: metrics, then checkpoint, then the adapter when due."""
         record: dict[str, Any] = {"round": server_round, **stats}
+        device = round_device(record.get("trained_on_gpu"))
+        if device is not None:
+            record["device"] = device
         for loss in ("eval_loss", "server_eval_loss"):
             if loss in record:
                 record[loss.replace("loss", "perplexity")] = math.exp(min(record[loss], 50.0))
@@ -194,6 +198,9 @@ class RunRecorder:
         ]
         if problems:
             parts.append("(" + ", ".join(problems) + ")")
+        gpu_note = expected_gpu_note(self.config.train.expect_gpu, record.get("device"))
+        if gpu_note:
+            parts.append(f"| {gpu_note}")
         if record.get("kept_previous_adapter"):
             parts.append("| global adapter unchanged")
         if "train_loss" in record:

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flowertune_llm.adapters import adapter_state, to_array_record
 from flowertune_llm.config import parse_config
 from flowertune_llm.data import check_dataset_source
+from flowertune_llm.devices import check_round_device
 from flowertune_llm.model import build_adapter_skeleton, load_model_config, load_tokenizer
 from flowertune_llm.preflight import check_training_data
 from flowertune_llm.results import RunRecorder, run_folder
@@ -69,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
         if evaluator and evaluator.is_due(run_round):
             stats.update(evaluator.evaluate(arrays))
         recorder.end_round(run_round, arrays, stats)
+        check_round_device(config.train.expect_gpu, run_round, recorder.rounds[-1].get("device"))
 
     if rounds_done < config.num_server_rounds:
         global_adapter = strategy.start(

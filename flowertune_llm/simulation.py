@@ -3,7 +3,7 @@
 For benchmarks and tests; users run `flwr run .`. `flwr.simulation.run_simulation` hands apps an
 empty run config, so these wrappers give them the one `flwr run` would. Also runnable, so a test
 can run (and kill) a simulation in a process of its own:
-    python -m flowertune_llm.simulation RUN_CONFIG_JSON [NUM_SUPERNODES]
+    python -m flowertune_llm.simulation RUN_CONFIG_JSON [NUM_SUPERNODES [NUM_GPUS_PER_CLIENT]]
 """
 
 from __future__ import annotations
@@ -54,12 +54,22 @@ def apps(run_config: dict, train: ClientHandler = client_app.train) -> tuple[Ser
     return server, client
 
 
-def simulate(run_config: dict, num_supernodes: int = 2, train: ClientHandler = client_app.train) -> None:
-    """Run the app in Flower's simulation engine, one CPU per client."""
+def client_resources(num_gpus: float = 0.0) -> dict[str, float]:
+    """Return each ClientApp's Ray resources: one CPU, and `num_gpus` of a GPU (0: none, it trains on CPU)."""
+    # Ray hides every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES=""), so a GPU
+    # machine trains on CPU unless a share is asked for; a share of 0.5 puts two clients on a GPU.
+    return {"num_cpus": 1, "num_gpus": num_gpus} if num_gpus > 0 else {"num_cpus": 1}
+
+
+def simulate(
+    run_config: dict, num_supernodes: int = 2, train: ClientHandler = client_app.train, num_gpus: float = 0.0
+) -> None:
+    """Run the app in Flower's simulation engine, one CPU (and `num_gpus` of a GPU) per client."""
     server, client = apps(run_config, train)
     run_simulation(server, client, num_supernodes=num_supernodes,
-                   backend_config={"client_resources": {"num_cpus": 1}})
+                   backend_config={"client_resources": client_resources(num_gpus)})
 
 
 if __name__ == "__main__":
-    simulate(json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    simulate(json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+             num_gpus=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)

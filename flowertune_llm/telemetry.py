@@ -35,11 +35,41 @@ class PhaseTimer:
         return {f"time-{name}-s": round(value, 4) for name, value in self.seconds.items()}
 
 
-def peak_memory_metrics() -> dict[str, float]:
-    """Return this process's peak resident memory (and peak GPU memory where there is a GPU), in MB."""
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    metrics = {"peak-rss-mb": round(rss_bytes / 2**20, 1)}
+def _high_water_rss_bytes() -> int:
+    """Return the process's resident-memory high-water mark (VmHWM, resettable on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+
+def reset_peak_memory() -> None:
+    """Start this message's peaks from now: CUDA's peak counters, and the RSS high-water mark on Linux.
+
+    A simulation actor serves many messages (and virtual nodes); without a reset each reply would
+    carry the maximum over the model build, earlier rounds and other nodes.
+    """
     if torch.cuda.is_available():
-        metrics["peak-gpu-mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return metrics
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        # "5" resets VmHWM to the current RSS (Linux >= 4.0); elsewhere the peak stays cumulative.
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_metrics() -> dict[str, float]:
+    """Return this process's peak resident memory and peak GPU memory (allocated, reserved; 0 on CPU), in MB.
+
+    The GPU keys are there on a CPU too: replies averaged together must share their metric names.
+    Reserved is what the caching allocator holds from the GPU, the figure that runs out first.
+    """
+    on_gpu = torch.cuda.is_available()
+    return {
+        "peak-rss-mb": round(_high_water_rss_bytes() / 2**20, 1),
+        "peak-gpu-allocated-mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else 0.0,
+        "peak-gpu-reserved-mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if on_gpu else 0.0,
+    }

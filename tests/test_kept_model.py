@@ -61,18 +61,19 @@ def test_evaluating_does_not_change_how_a_4bit_model_trains(config):
 
     def lora_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
         model = build_peft_model(config.model)
+        inputs = tokens.to(model.device)  # the GPU where there is one, as the model
         torch.manual_seed(0)
         for name, parameter in model.named_parameters():
             if "lora_" in name:  # non-zero B, so that A gets gradients too
                 parameter.data = torch.randn_like(parameter) * 0.05
         # Forward passes under bf16 autocast, as the trainer runs them on a quantized base.
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16):
             if evaluate_first:
                 model.eval()
                 with torch.no_grad():
-                    model(tokens)
+                    model(inputs)
             model.train()
-            model(tokens, labels=tokens).loss.backward()
+            model(inputs, labels=inputs).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
     plain, after_evaluation = lora_gradients(False), lora_gradients(True)

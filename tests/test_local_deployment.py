@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from cryptography import x509
@@ -17,8 +18,11 @@ from flowertune_llm.credentials import make_supernode_key, make_tls_files
 from flowertune_llm.local_deployment import (
     DeploymentError,
     StartedProcess,
+    is_running,
     process_tree,
+    start_process,
     stop_process_tree,
+    supernode_command,
     up,
     write_node_data,
 )
@@ -75,3 +79,22 @@ def test_stop_leaves_a_reused_pid_alone(tmp_path):
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_a_supernode_gets_the_quantized_cache_in_its_node_config(tmp_path):
+    command = supernode_command("127.0.0.1:1", tmp_path / "ca.crt", tmp_path / "key", tmp_path / "d.jsonl",
+                                tmp_path / "quantized-cache")
+    node_config = command[command.index("--node-config") + 1]
+    assert node_config == f"data-path='{tmp_path / 'd.jsonl'}' quantized-cache-dir='{tmp_path / 'quantized-cache'}'"
+    without = supernode_command("127.0.0.1:1", tmp_path / "ca.crt", tmp_path / "key", tmp_path / "d.jsonl")
+    assert without[without.index("--node-config") + 1] == f"data-path='{tmp_path / 'd.jsonl'}'"
+
+
+def test_a_started_process_sees_only_its_own_gpu(tmp_path):
+    # Its ClientApp processes inherit the variable: one GPU per SuperNode.
+    log = tmp_path / "node.log"
+    pid = start_process([sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], log, gpu="1")
+    deadline = time.monotonic() + 60
+    while is_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text().strip() == "1"
