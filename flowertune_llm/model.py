@@ -155,6 +155,11 @@ def _keep_frozen_embeddings_in_compute_dtype(model: PreTrainedModel) -> None:
     for module in {embedding, head}:
         if module is not None and module.weight.dtype == torch.float32:
             module.weight.data = module.weight.data.to(COMPUTE_DTYPE)
+        # A head's bias (Phi has one) too: outside autocast (generation) a float32 bias next to a
+        # bf16 weight and input fails; its values came from the bf16 checkpoint, so none changes.
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.dtype == torch.float32:
+            bias.data = bias.data.to(COMPUTE_DTYPE)
     embedding.register_forward_hook(lambda module, inputs, output: output.float())
     if head is not None and head is not embedding and head.weight.dtype == COMPUTE_DTYPE:
         head.register_forward_pre_hook(
