@@ -136,8 +136,9 @@ class WandbTracker:
         # W&B ids must be unique within a project, and run folder names need not be (two
         # results.dir may both hold a run 'default'): a random id, kept for a resume.
         run_id = saved["id"] if resumed else secrets.token_hex(4)
-        # W&B's own files go into the run folder unless WANDB_DIR says where.
-        directory = None if os.environ.get("WANDB_DIR") else str(folder)
+        # W&B's own files go into the run folder unless WANDB_DIR says where. Read here, at each
+        # start: wandb reads its environment once per process, and a process may hold several runs.
+        directory = os.environ.get("WANDB_DIR") or str(folder)
         try:
             self.run = wandb.init(project=project, name=folder.name, id=run_id,
                                   resume="allow", dir=directory, config=to_run_config(config))
