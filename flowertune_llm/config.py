@@ -35,6 +35,8 @@ DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-ad
 EXPECT_GPU_MODES = ("off", "warn", "stop")
 # The built-in tiny checkpoints (flowertune_llm/tiny_model.py builds them).
 BUILTIN_MODEL_NAMES = ("builtin:tiny-llama", "builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-phi")
+# Characters W&B refuses in a project name.
+WANDB_FORBIDDEN = "/\\#?%:"
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -186,10 +188,14 @@ class PrivacySettings:
 
 @dataclass
 class ResultsSettings:
-    """Where the server writes a run's metrics and adapters."""
+    """Where the server writes a run's metrics and adapters, and which trackers also get the metrics."""
 
     dir: str = MISSING
     run_name: str = MISSING
+    # Per-round metrics also as TensorBoard event files in the run folder (the `tracking` extra).
+    tensorboard: bool = MISSING
+    # A Weights & Biases project that also gets the per-round metrics ("" = none; the `tracking` extra).
+    wandb_project: str = MISSING
 
 
 @dataclass
@@ -342,6 +348,12 @@ def _check_values(config: AppConfig) -> list[str]:
             is not None and config.results.run_name not in (".", ".."),
             "results.run-name", config.results.run_name,
             "empty (a name is made from the time and setting) or letters, digits, '.', '_', '-'")
+    project = config.results.wandb_project
+    # W&B's own rule for project names; checked here so that a bad one stops the run before round 1.
+    require(project == project.strip() and len(project) <= 128 and not set(project) & set(WANDB_FORBIDDEN),
+            "results.wandb-project", project,
+            f"empty (no W&B) or a W&B project name: at most 128 characters, none of {WANDB_FORBIDDEN}, "
+            "no surrounding spaces")
     problems += _check_strategy(config)
     problems += _check_privacy(config)
     optimizer_problem = _check_optimizer(train.optimizer)

@@ -6,10 +6,13 @@ Layout of `results/<run-name>/`:
   checkpoint.safetensors the latest global adapter and its round: what `train.resume-from` continues
   adapter-round-<k>/     the global adapter after round k (every `train.save-every-round` rounds)
   adapter-final/         the global adapter after the last round
+  events.out.tfevents.*  per-round metrics for TensorBoard (`results.tensorboard`)
+  wandb/, wandb-run.json W&B's files, project and run id (`results.wandb-project`; wandb/ elsewhere if WANDB_DIR is set)
 Each adapter folder holds peft's files and `flowertune-adapter.json` (base model, prompt format).
 Every file is written to a temporary name and renamed, so a killed run never leaves a half-written
-file behind. metrics.json is written before the checkpoint, so the checkpoint's round is never
-ahead of the metrics; a resume drops any metrics record after the checkpoint's round.
+file behind. metrics.json, then the trackers (flowertune_llm/tracking.py), then the checkpoint are
+written, so the checkpoint's round is never ahead of the metrics or the trackers; a resume drops any
+metrics record after the checkpoint's round.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flowertune_llm.adapter_card import card_for, write_card
 from flowertune_llm.adapters import from_array_record, load_adapter_state
 from flowertune_llm.config import AppConfig, ResultsSettings, to_run_config
 from flowertune_llm.devices import expected_gpu_note, round_device
+from flowertune_llm.tracking import open_trackers
 
 FINAL_ADAPTER = "adapter-final"
 CHECKPOINT = "checkpoint.safetensors"
@@ -159,6 +163,7 @@ class RunRecorder:
             # Elapsed time goes on from where the interrupted run left it.
             self.started -= self.rounds[-1]["elapsed_s"] if self.rounds else 0.0
         self._write_metrics()
+        self.trackers = open_trackers(folder, config, self.rounds)
 
     def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
         """Record a finished round: metrics, then checkpoint, then the adapter when due."""
@@ -174,6 +179,8 @@ class RunRecorder:
         record["elapsed_s"] = round(time.monotonic() - self.started, 2)
         self.rounds.append(record)
         self._write_metrics()
+        for tracker in self.trackers:
+            tracker.log_round(record)
         save_checkpoint(self.folder, arrays, server_round)
         every = self.config.train.save_every_round
         if every and server_round % every == 0:
@@ -240,7 +247,10 @@ class RunRecorder:
         """Save the final global adapter, log the last round's exact match per task, return the folder."""
         for line in self.per_task_table():
             log(INFO, "%s", line)
-        return self.save_adapter(arrays, FINAL_ADAPTER)
+        final = self.save_adapter(arrays, FINAL_ADAPTER)
+        for tracker in self.trackers:
+            tracker.close()
+        return final
 
     def per_task_table(self) -> list[str]:
         """Return the last round's exact match per task as table lines (none without per-task figures)."""

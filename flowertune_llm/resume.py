@@ -25,8 +25,10 @@ from flowertune_llm.results import CHECKPOINT, METRICS, RUN_CONFIG
 
 # Keys that may differ between the interrupted run and its continuation. num-server-rounds may
 # grow (`flowertune resume RUN --num-server-rounds N` trains on): the rounds already done keep their
-# records, and the learning-rate schedule spans the new total from the next round on.
-FREE_TO_CHANGE = ("train.resume-from", "results.dir", "results.run-name", "num-server-rounds")
+# records, and the learning-rate schedule spans the new total from the next round on. The trackers
+# only watch: one switched on at a resume is first given the rounds already done.
+FREE_TO_CHANGE = ("train.resume-from", "results.dir", "results.run-name", "num-server-rounds",
+                  "results.tensorboard", "results.wandb-project")
 
 
 class ResumeError(RuntimeError):

@@ -1,6 +1,7 @@
 """ServerApp: federated averaging of LoRA adapters, round after round.
 
-  1. Validate the run config (any bad key stops here, before a model is touched).
+  1. Validate the run config (any bad key, or a tracker whose package is missing, stops here,
+     before a model is touched).
   2. Build the initial global adapter on a weightless copy of the base model.
   3. Or, with `train.resume-from`, pick up an interrupted run's adapter after its last round.
   4. Each round: sample clients, send the global adapter and the round's learning rate,
@@ -28,6 +29,7 @@ from flowertune_llm.results import RunRecorder, run_folder
 from flowertune_llm.resume import find_resume_point
 from flowertune_llm.server_eval import ServerEvaluator
 from flowertune_llm.strategy import build_strategy
+from flowertune_llm.tracking import check_trackers
 from flowertune_llm.training import cosine_learning_rate
 
 app = ServerApp()
@@ -37,6 +39,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of FedAvg over LoRA adapters."""
     config = parse_config(context.run_config)
+    check_trackers(config.results)
     check_dataset_source(config.dataset.name)
     load_model_config(config.model)
     check_training_data(config, load_tokenizer(config.model))

@@ -8,6 +8,7 @@ an earlier run's files.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,8 @@ CASES: list[Case] = [
     ("results-not-writable", lambda t: {"results.dir": _file_in_the_way(t)}, ResultsError, "is not a writable folder"),
     ("resume-missing", lambda t: {"train.resume-from": str(t / "no-run")}, ResumeError, "is not a folder"),
     ("resume-not-a-run", lambda t: {"train.resume-from": str(t)}, ResumeError, "is not a run folder"),
+    # Trackers.
+    ("wandb-project-with-slash", lambda t: {"results.wandb-project": "team/run"}, ConfigError, "results.wandb-project must be empty (no W&B) or a W&B project name"),
 ]
 
 
@@ -113,3 +116,20 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
         server_app.main(None, Context(run_id=1, node_id=0, node_config={}, state=None, run_config=run_config))
     assert [p.name for p in run.iterdir()] == ["metrics.json"] and (run / "metrics.json").read_text() == '{"rounds": [1]}'
 
+
+
+@pytest.mark.parametrize("key, value, package", [
+    ("results.tensorboard", True, "tensorboard"),
+    ("results.wandb-project", "my-project", "wandb"),
+])
+def test_a_tracker_without_its_package_stops_the_run_with_what_to_install(tmp_path, monkeypatch, key, value, package):
+    monkeypatch.setitem(sys.modules, package, None)  # what importlib finds when a package is not installed
+    run_config = default_run_config(**{"results.dir": str(tmp_path / "results"), key: value})
+    with pytest.raises(ConfigError) as raised:
+        server_app.main(None, Context(run_id=1, node_id=0, node_config={}, state=None, run_config=run_config))
+    shown = "true" if value is True else repr(value)
+    assert str(raised.value) == (
+        f"{key}={shown} needs the '{package}' package, which is not installed where the server runs: "
+        f"pip install 'flowertune-llm[tracking]' (or pip install {package}), or turn {key} off"
+    )
+    assert not (tmp_path / "results").exists()

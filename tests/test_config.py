@@ -82,7 +82,16 @@ BAD_VALUES = [
     ("evaluate.max-new-tokens", 0, "evaluate.max-new-tokens must be >= 1"),
     ("results.dir", "", "results.dir must be a folder path"),
     ("results.run-name", "../elsewhere", "results.run-name must be empty"),
+    ("results.tensorboard", "yes", "results.tensorboard must be true or false, got 'yes'"),
+    ("results.wandb-project", "team/project", "results.wandb-project must be empty (no W&B) or a W&B project name"),
+    ("results.wandb-project", "x" * 129, "at most 128 characters"),
 ]
+
+
+def test_a_tracker_key_typo_gets_a_suggestion(run_config):
+    run_config["results.tensorbord"] = True
+    with pytest.raises(ConfigError, match=r"Did you mean 'results.tensorboard'\?"):
+        parse_config(run_config)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
