@@ -4,8 +4,9 @@ The loss covers response tokens only: the data has `prompt` and `completion` col
 masks the prompt's labels. The learning rate is constant within a round; it changes across rounds
 (`cosine_learning_rate`), as in the FlowerTune reference. With FedProx the local objective gets
 the proximal term (mu/2)·||w − w_global||² over the LoRA weights (`ProximalTerm`).
-With `train.padding-free` (or `train.packing`) a batch is one row of concatenated examples, and
-`check_flattened_attention` refuses a model whose attention would let them see each other.
+With `train.padding-free` (or `train.packing`) a batch is one row of concatenated examples:
+`flattened_batches` refuses a model whose attention would let them see each other, and computes
+SDPA per example (`per_example_attention`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from flowertune_llm.config import TrainSettings
+from flowertune_llm.per_example_attention import per_example_sdpa
 
 
 def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
@@ -117,6 +120,25 @@ def check_flattened_attention(base: PreTrainedModel, key: str) -> None:
     )
 
 
+@contextmanager
+def flattened_batches(model: PeftModel, settings: TrainSettings) -> Iterator[None]:
+    """Within the block, `model` trains on padding-free or packed batches if `settings` ask for them.
+
+    Refuses first, before any work, a model that would mix the examples of a flattened row. An
+    `sdpa` model computes attention per example meanwhile (per_example_attention.py says why).
+    """
+    if not (settings.padding_free or settings.packing):
+        yield
+        return
+    base = model.get_base_model()
+    check_flattened_attention(base, "train.packing" if settings.packing else "train.padding-free")
+    # trl passes use_cache=False to every forward; with a KV cache transformers would not separate
+    # the examples, so the model's default says so too (generation asks for the cache per call).
+    base.config.use_cache = False
+    with per_example_sdpa(base):
+        yield
+
+
 def _chunk_nll_sum(
     hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -184,10 +206,6 @@ def _trainer(
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
     chunked = {"chunk_tokens": settings.loss_chunk_tokens} if settings.loss_chunk_tokens else {}
     collator = None
-    if settings.packing or settings.padding_free:
-        check_flattened_attention(base, "train.packing" if settings.packing else "train.padding-free")
-        # With a KV cache transformers skips the per-example mask (generation turns it on per call).
-        base.config.use_cache = False
     if settings.padding_free and not settings.packing:
         # trl's own flattening collator, given here rather than through SFTConfig(padding_free=True):
         # that refuses max_length without packing, and the examples must be truncated exactly as the
@@ -265,7 +283,7 @@ def train_adapter(
     `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
     report does to measure what the fused head saves.
     """
-    with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
+    with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
             model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,
             compute_loss_func=compute_loss_func,
@@ -280,7 +298,7 @@ def evaluate_loss(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, settings: TrainSettings
 ) -> float:
     """Return the mean response-token loss of the model on held-out data."""
-    with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
+    with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
         # SFTTrainer insists on a training set; it is never trained on here.
         trainer = _trainer(
             model, tokenizer, settings, 0.0, settings.seed, output_dir,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm import training
+from flowertune_llm import per_example_attention, training
 from flowertune_llm.config import BUILTIN_MODEL_NAMES, parse_config
 from flowertune_llm.data import load_client_data
 from flowertune_llm.model import build_peft_model, load_tokenizer
@@ -64,6 +64,36 @@ def test_attention_keeps_the_examples_of_a_flattened_row_apart(model_name, imple
     assert not torch.allclose(mixed[:, 9:], alone[1], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("model_name", BUILTIN_MODEL_NAMES)
+def test_per_example_sdpa_equals_the_examples_alone_and_leaves_padded_batches_to_sdpa(model_name):
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model(model_name), attn_implementation="sdpa")
+    model.eval()
+    # The second example is longer than tiny Mistral's 128-token sliding window.
+    lengths = [40, 200, 7]
+    generator = torch.Generator().manual_seed(0)
+    examples = [torch.randint(3, 500, (1, n), generator=generator) for n in lengths]
+    row = torch.cat(examples, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    spans = torch.tensor([0, 40, 240, 247], dtype=torch.int32)
+    padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    padding_mask = torch.zeros_like(padded)
+    for i, ids in enumerate(examples):
+        padded[i, : ids.shape[1]], padding_mask[i, : ids.shape[1]] = ids[0], 1
+    with torch.no_grad():
+        alone = [model(ids, use_cache=False).logits[0] for ids in examples]
+        sdpa_padded = model(padded, attention_mask=padding_mask, use_cache=False).logits
+        with per_example_attention.per_example_sdpa(model):
+            assert model.config._attn_implementation == per_example_attention.NAME
+            with_spans = model(row, position_ids=positions, cu_seq_lens_q=spans, cu_seq_lens_k=spans,
+                               use_cache=False).logits[0]
+            from_positions = model(row, position_ids=positions, use_cache=False).logits[0]
+            per_example_padded = model(padded, attention_mask=padding_mask, use_cache=False).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(with_spans, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(from_positions, with_spans)
+    assert torch.equal(per_example_padded, sdpa_padded)
+
+
 def test_a_padding_free_batch_is_the_padded_batch_without_its_pad_tokens():
     padded_config, free_config = _config(), _config(**{"train.padding-free": True})
     data, _ = load_client_data(padded_config.dataset, 0, 2)
@@ -86,7 +116,8 @@ def test_a_padding_free_batch_is_the_padded_batch_without_its_pad_tokens():
 
 
 def _loss_and_gradients(model, tokenizer, config, data):
-    with tempfile.TemporaryDirectory() as output_dir:
+    # As train_adapter does: the attention check, then per-example SDPA for flattened batches.
+    with training.flattened_batches(model, config.train), tempfile.TemporaryDirectory() as output_dir:
         trainer = _trainer(model, tokenizer, config, data, output_dir)
         batch = next(iter(trainer.get_train_dataloader()))
         model.train()
