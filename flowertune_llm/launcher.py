@@ -38,6 +38,9 @@ _DONE = "Done. Metrics:"
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
 # Lines shown without --verbose besides round lines and errors: where results go, a resume point.
 _ALSO_SHOWN = ("Results of this run go to", "Resuming after round")
+# The per-task exact-match table the server logs at the end: its title, then rows with " | " cells.
+_TABLE_TITLE = "Exact match after round"
+_TABLE_ROW = re.compile(r"^(task\s.*|\S.*?(\s\|\s+(\d+\.\d%|-))+)$")
 DISABLE_INSTALL = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 
 
@@ -143,9 +146,11 @@ def _is_error(raw: str) -> bool:
 
 def follow(stream: Iterator[str], outcome: RunOutcome, out: TextIO, verbose: bool) -> None:
     """Read `flwr run`'s stream into `outcome`, echoing everything (verbose) or the app's lines."""
+    in_table = False
     for raw in stream:
         line = clean(raw)
         outcome.lines.append(line)
+        in_table = line.startswith(_TABLE_TITLE) or (in_table and _TABLE_ROW.match(line) is not None)
         if match := _RUN_ID.search(line):
             outcome.run_id = match.group(1)
         if match := _RESULTS.search(line):
@@ -157,7 +162,7 @@ def follow(stream: Iterator[str], outcome: RunOutcome, out: TextIO, verbose: boo
         error = _is_error(raw)
         if verbose:
             print(line, file=out, flush=True)
-        elif error or _ROUND.match(line) or line.startswith(_ALSO_SHOWN):
+        elif error or in_table or _ROUND.match(line) or line.startswith(_ALSO_SHOWN):
             print(line if not error else f"error: {line}", file=out, flush=True)
 
 

@@ -79,6 +79,10 @@ def test_stream_keeps_run_id_folder_rounds_and_the_apps_error(tmp_path, capsys):
         f"\x1b[92mINFO \x1b[0m:      Results of this run go to {tmp_path}\n",
         "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]\n",
         "\x1b[92mINFO \x1b[0m:      Round 1/2: 2/2 clients replied | train loss 2.0000\n",
+        "\x1b[92mINFO \x1b[0m:      Exact match after round 1, per task:\n",
+        "\x1b[92mINFO \x1b[0m:        task    | clients' held-out\n",
+        "\x1b[92mINFO \x1b[0m:        capital |             50.0%\n",
+        "\x1b[92mINFO \x1b[0m:      Saved the final adapter | not shown\n",
         "\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception: boom\n",
         "Traceback (most recent call last):\n",
         "flowertune_llm.results.ResultsError: results.run-name: 'x' already holds a run\n",
@@ -89,7 +93,8 @@ def test_stream_keeps_run_id_folder_rounds_and_the_apps_error(tmp_path, capsys):
     assert outcome.run_id == "1234567" and outcome.folder == tmp_path and not outcome.finished
     assert outcome.error == "ResultsError: results.run-name: 'x' already holds a run"
     assert shown == [f"Results of this run go to {tmp_path}", "Round 1/2: 2/2 clients replied | train loss 2.0000",
-                     "error: ServerApp thread raised an exception: boom"]
+                     "Exact match after round 1, per task:", "task    | clients' held-out",
+                     "capital |             50.0%", "error: ServerApp thread raised an exception: boom"]
 
 
 def test_summary_gives_final_and_best_figures_and_next_commands(tmp_path):
