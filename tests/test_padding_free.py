@@ -171,6 +171,19 @@ def test_padding_free_training_trains_the_same_tokens_as_padded_training():
     assert outcomes[True].loss == pytest.approx(outcomes[False].loss, rel=1e-3)
 
 
+@pytest.mark.parametrize("key", ["train.padding-free", "train.packing"])
+def test_held_out_loss_is_the_padded_one_whatever_the_batches(key):
+    # Held-out loss is never packed (eval_packing=False): the same examples in the same batches.
+    losses = {}
+    for flattened in (False, True):
+        config = _config(**{key: flattened})
+        _, heldout = load_client_data(config.dataset, 0, 2)
+        torch.manual_seed(0)
+        model = build_peft_model(config.model)
+        losses[flattened] = training.evaluate_loss(model, load_tokenizer(config.model), heldout, config.train)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
 def test_packing_puts_several_examples_in_a_row_and_keeps_prompts_out_of_the_loss():
     config = _config(**{"train.packing": True, "train.batch-size": 2})
     data, _ = load_client_data(config.dataset, 0, 2)
