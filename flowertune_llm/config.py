@@ -112,6 +112,12 @@ class TrainSettings:
     loss_chunk_tokens: int = MISSING
     # off / warn / stop when a client trains on CPU (the GPU presets warn: a 3B base on CPU is days).
     expect_gpu: str = MISSING
+    # The batch's examples concatenated into one row without pad tokens, attention kept within each
+    # example (position ids restart per example): the same examples per step as padded batches.
+    padding_free: bool = MISSING
+    # trl's packing: short examples bin-packed into rows of `seq_length` tokens, `batch_size` rows per
+    # step, so a step holds more examples than `batch_size` (and the batches are padding-free too).
+    packing: bool = MISSING
 
 
 @dataclass

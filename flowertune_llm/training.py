@@ -4,13 +4,18 @@ The loss covers response tokens only: the data has `prompt` and `completion` col
 masks the prompt's labels. The learning rate is constant within a round; it changes across rounds
 (`cosine_learning_rate`), as in the FlowerTune reference. With FedProx the local objective gets
 the proximal term (mu/2)·||w − w_global||² over the LoRA weights (`ProximalTerm`).
+With `train.padding-free` (or `train.packing`) a batch is one row of concatenated examples:
+`flattened_batches` refuses a model whose attention would let them see each other, and computes
+SDPA per example (`per_example_attention`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +23,12 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from flowertune_llm.config import TrainSettings
+from flowertune_llm.per_example_attention import per_example_sdpa
 
 
 def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
@@ -50,7 +57,10 @@ def sft_config(
         output_dir=output_dir,
         max_length=settings.seq_length,
         completion_only_loss=True,
-        packing=False,
+        # Packing is trl's (best-fit decreasing, overflow truncated, flattened batches). Held-out
+        # loss is taken over the same batches whatever the setting, so it stays comparable.
+        packing=settings.packing,
+        eval_packing=False,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -75,6 +85,58 @@ def sft_config(
         # Counted for the tokens/s figure in metrics.json; padding is not work done.
         include_num_input_tokens_seen="non_padding",
     )
+
+
+class FlattenedAttentionError(ValueError):
+    """Padding-free or packed batches asked of a model whose attention would mix their examples."""
+
+
+# Attention implementations that keep the examples of a flattened batch apart. sdpa and eager:
+# transformers builds a block-diagonal causal mask from the position ids when there is no attention
+# mask and no KV cache (masking_utils.find_packed_sequence_indices; tests/test_padding_free.py
+# checks each built-in architecture on CPU). flash_attention_2/3: transformers runs the varlen
+# kernel on the cu_seq_lens that trl's collator adds (modeling_flash_attention_utils; read, not run:
+# flash-attn is not installed here). Others (flex_attention, hub kernels, custom functions) are
+# refused: untested here, and a custom function may ignore both.
+FLATTENED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_flattened_attention(base: PreTrainedModel, key: str) -> None:
+    """Raise unless `base` keeps the examples of a padding-free batch apart (`key` names the setting)."""
+    implementation = base.config._attn_implementation
+    # The per-example mask is made by transformers' mask builder; model code that does not import it
+    # (remote code, older architectures) builds its own mask, which knows nothing of position ids.
+    module = sys.modules.get(type(base).__module__)
+    builds_mask = module is not None and hasattr(module, "create_causal_mask")
+    if implementation in FLATTENED_ATTENTION and builds_mask:
+        return
+    reason = (f"attention implementation '{implementation}'" if implementation not in FLATTENED_ATTENTION
+              else f"{type(base).__name__}, whose code does not build its mask with transformers' create_causal_mask")
+    raise FlattenedAttentionError(
+        f"{key} = true concatenates a batch's examples into one row, and the model must keep them apart: "
+        f"{reason} cannot. Accepted: attention implementation " + ", ".join(FLATTENED_ATTENTION)
+        + " in a model built with transformers' own mask code (Llama, Mistral, Qwen2, Phi and most others). "
+        f"Set {key} = false to train on padded batches."
+    )
+
+
+@contextmanager
+def flattened_batches(model: PeftModel, settings: TrainSettings) -> Iterator[None]:
+    """Within the block, `model` trains on padding-free or packed batches if `settings` ask for them.
+
+    Refuses first, before any work, a model that would mix the examples of a flattened row. An
+    `sdpa` model computes attention per example meanwhile (per_example_attention.py says why).
+    """
+    if not (settings.padding_free or settings.packing):
+        yield
+        return
+    base = model.get_base_model()
+    check_flattened_attention(base, "train.packing" if settings.packing else "train.padding-free")
+    # trl passes use_cache=False to every forward; with a KV cache transformers would not separate
+    # the examples, so the model's default says so too (generation asks for the cache per call).
+    base.config.use_cache = False
+    with per_example_sdpa(base):
+        yield
 
 
 def _chunk_nll_sum(
@@ -143,6 +205,13 @@ def _trainer(
     bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
     chunked = {"chunk_tokens": settings.loss_chunk_tokens} if settings.loss_chunk_tokens else {}
+    collator = None
+    if settings.padding_free and not settings.packing:
+        # trl's own flattening collator, given here rather than through SFTConfig(padding_free=True):
+        # that refuses max_length without packing, and the examples must be truncated exactly as the
+        # padded ones are. The pad id is never used: a flattened batch is not padded.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
     # trl 1.16 replaces every trainable weight of a quantized model by a bf16 copy when the trainer
     # is built. In bf16, AdamW's step of about lr is rounded away wherever |w| > lr * 2^8: at the
     # reference schedule (5e-5 -> 1e-6) most LoRA entries of a 3B model would never move. The
@@ -156,6 +225,7 @@ def _trainer(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
+        data_collator=collator,
         compute_loss_func=compute_loss_func,
     )
     for name, weight in model.named_parameters():
@@ -213,7 +283,7 @@ def train_adapter(
     `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
     report does to measure what the fused head saves.
     """
-    with tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
+    with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
             model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,
             compute_loss_func=compute_loss_func,
@@ -228,7 +298,7 @@ def evaluate_loss(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, settings: TrainSettings
 ) -> float:
     """Return the mean response-token loss of the model on held-out data."""
-    with tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
+    with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
         # SFTTrainer insists on a training set; it is never trained on here.
         trainer = _trainer(
             model, tokenizer, settings, 0.0, settings.seed, output_dir,

@@ -40,6 +40,12 @@ def test_target_modules_list():
     assert parse_config(default_run_config(**{"model.lora.target-modules": "peft-default"})).model.lora.target_module_list is None
 
 
+def test_padding_free_and_packing_are_off_by_default_and_parse_as_booleans(config):
+    assert config.train.padding_free is False and config.train.packing is False
+    turned_on = parse_config(default_run_config(**{"train.padding-free": True, "train.packing": True}))
+    assert turned_on.train.padding_free is True and turned_on.train.packing is True
+
+
 def test_integer_accepted_for_float_key():
     config = parse_config(default_run_config(**{"train.learning-rate-max": 1}))
     assert config.train.learning_rate_max == 1.0
@@ -73,6 +79,8 @@ BAD_VALUES = [
     ("train.max-steps", -5, "train.max-steps must be >= 1, got -5"),
     ("train.max-grad-norm", 0.0, "train.max-grad-norm must be > 0, got 0.0"),
     ("train.optimizer", "adamw", "train.optimizer must be a transformers optimizer name"),
+    ("train.padding-free", "yes", "train.padding-free must be true or false, got 'yes'"),
+    ("train.packing", 1, "train.packing must be true or false, got 1"),
     ("train.save-every-round", -1, "train.save-every-round must be >= 0 (0 saves only the final adapter), got -1"),
     ("strategy.fraction-train", 0.0, "strategy.fraction-train must be in (0, 1], got 0.0"),
     ("strategy.fraction-evaluate", 1.5, "strategy.fraction-evaluate must be in [0, 1], got 1.5"),
