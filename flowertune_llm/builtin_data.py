@@ -1,11 +1,18 @@
-"""The built-in instruction dataset: small, deterministic Alpaca-format tasks a tiny model can learn.
+"""The built-in world: small instruction tasks, the clients' data, a held-out set and the base's notes.
 
-The shipped files `flowertune_llm/data/tiny_instructions.jsonl` (the clients' data) and
-`tiny_instructions_heldout.jsonl` (the server's held-out set: other draws, none of them in the
-clients' data) are the output of `python -m flowertune_llm.builtin_data`; a test regenerates them
-and checks that they are unchanged.
-Each task has a short rule-based answer, so a model with a few hundred thousand parameters
-measurably lowers its loss on it within a few federated rounds.
+A tiny model must show in a few CPU minutes what fine-tuning a real LLM shows in hours: a base
+that knows things but does not follow the instruction format learns to, and answers questions it
+was never fine-tuned on. So the world has two kinds of task:
+- skills, drawn afresh from a rule (count the words, first/last word of a sentence, the larger of
+  two numbers): the base's notes hold *other* draws, so held-out questions are new to it too;
+- facts, from fixed tables (opposites, capitals, sums of single digits): the base's notes hold every
+  fact, and the held-out questions are facts that no client's data asks about.
+`pretraining_notes()` is what the built-in base reads at build time (flowertune_llm/tiny_model.py), in
+a plain note format that is not the Alpaca prompt the clients fine-tune on.
+
+The shipped files `flowertune_llm/data/tiny_instructions.jsonl` (the clients' data, every question
+once) and `tiny_instructions_heldout.jsonl` (the server's held-out set) are the output of
+`python -m flowertune_llm.builtin_data`; a test regenerates them and checks that they are unchanged.
 """
 
 from __future__ import annotations
@@ -17,25 +24,30 @@ from pathlib import Path
 
 BUILTIN_DATASET_FILE = Path(__file__).parent / "data" / "tiny_instructions.jsonl"
 BUILTIN_HELDOUT_FILE = Path(__file__).parent / "data" / "tiny_instructions_heldout.jsonl"
-NUM_EXAMPLES = 1200
+QUESTIONS_PER_SKILL = 300
 NUM_HELDOUT = 180
-SEED = 20261124
-HELDOUT_SEED = SEED + 1
+SEED = 20261204
+NOTES_SEED = SEED + 1
+NOTES_PER_SKILL = 900
 
 WORDS = (
     "apple river garden window purple silver forest candle market planet bridge castle "
     "dragon engine flower guitar harbor island jacket kitten lemon mirror needle orange "
     "pencil rabbit saddle tiger velvet wagon yellow zebra anchor basket cactus desert "
     "falcon ginger hammer jungle ladder meadow nickel oyster parrot quartz rocket "
-    "shadow tunnel violin walnut"
+    "shadow tunnel violin walnut bottle carpet donkey feather goblet helmet igloo "
+    "kettle lantern magnet nectar onion pepper quiver ribbon spider teapot umbrella "
+    "vessel whistle yogurt button cobalt dinner eagle fabric gravel hollow insect "
+    "jigsaw kernel lizard marble noodle orchid pillow raisin salmon timber walrus"
 ).split()
 
-OPPOSITES = {
+_OPPOSITE_PAIRS = {
     "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark",
     "happy": "sad", "open": "closed", "early": "late", "full": "empty", "high": "low",
     "old": "young", "hard": "soft", "wet": "dry", "rich": "poor", "near": "far",
     "strong": "weak", "long": "short", "loud": "quiet", "clean": "dirty", "thick": "thin",
 }
+OPPOSITES = {**_OPPOSITE_PAIRS, **{after: before for before, after in _OPPOSITE_PAIRS.items()}}
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
@@ -43,100 +55,119 @@ CAPITALS = {
     "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens", "Poland": "Warsaw",
     "Portugal": "Lisbon", "Austria": "Vienna", "Ireland": "Dublin", "Chile": "Santiago",
     "Cuba": "Havana", "Sweden": "Stockholm", "Finland": "Helsinki", "Hungary": "Budapest",
+    "China": "Beijing", "India": "Delhi", "Russia": "Moscow", "Brazil": "Brasilia",
+    "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "Nepal": "Kathmandu",
+    "Ghana": "Accra", "Mali": "Bamako",
 }
 
 Example = dict[str, str]
 
 
-def _reverse_word(rng: random.Random) -> Example:
-    word = rng.choice(WORDS)
-    return {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]}
+def _example(task: str, instruction: str, context: str, answer: str) -> Example:
+    # The task name is a natural label for per-task exact match and non-IID (Dirichlet) partitions.
+    return {"instruction": instruction, "input": context, "output": answer, "category": task}
 
 
-def _uppercase(rng: random.Random) -> Example:
-    text = " ".join(rng.sample(WORDS, rng.randint(2, 3)))
-    return {"instruction": "Write the text in capital letters.", "input": text, "output": text.upper()}
-
-
-def _add_numbers(rng: random.Random) -> Example:
-    a, b = rng.randint(1, 49), rng.randint(1, 49)
-    return {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)}
-
-
-def _sort_numbers(rng: random.Random) -> Example:
-    numbers = rng.sample(range(1, 100), rng.randint(3, 5))
-    return {
-        "instruction": "Sort the numbers from smallest to largest.",
-        "input": ", ".join(map(str, numbers)),
-        "output": ", ".join(map(str, sorted(numbers))),
-    }
-
-
-def _capital(rng: random.Random) -> Example:
-    country = rng.choice(sorted(CAPITALS))
-    return {
-        "instruction": f"What is the capital of {country}?",
-        "input": "",
-        "output": f"The capital of {country} is {CAPITALS[country]}.",
-    }
-
-
-def _opposite(rng: random.Random) -> Example:
-    word = rng.choice(sorted(OPPOSITES))
-    return {"instruction": "Give the opposite of the word.", "input": word, "output": OPPOSITES[word]}
+def _sentence(rng: random.Random, shortest: int, longest: int) -> list[str]:
+    return rng.sample(WORDS, rng.randint(shortest, longest))
 
 
 def _count_words(rng: random.Random) -> Example:
-    words = rng.sample(WORDS, rng.randint(2, 7))
-    return {
-        "instruction": "How many words are in the sentence?",
-        "input": " ".join(words),
-        "output": str(len(words)),
-    }
+    words = _sentence(rng, 2, 6)
+    return _example("count_words", "How many words are in the sentence?", " ".join(words), str(len(words)))
+
+
+def _first_word(rng: random.Random) -> Example:
+    words = _sentence(rng, 2, 5)
+    return _example("first_word", "What is the first word of the sentence?", " ".join(words), words[0])
+
+
+def _last_word(rng: random.Random) -> Example:
+    words = _sentence(rng, 2, 5)
+    return _example("last_word", "What is the last word of the sentence?", " ".join(words), words[-1])
 
 
 def _larger_number(rng: random.Random) -> Example:
     a, b = rng.sample(range(1, 100), 2)
-    return {"instruction": "Which number is larger?", "input": f"{a} or {b}", "output": str(max(a, b))}
+    return _example("larger_number", "Which number is larger?", f"{a} or {b}", str(max(a, b)))
 
 
-def _first_letter(rng: random.Random) -> Example:
-    word = rng.choice(WORDS)
-    return {"instruction": "What is the first letter of the word?", "input": word, "output": word[0]}
+SKILLS: tuple[Callable[[random.Random], Example], ...] = (_count_words, _first_word, _last_word, _larger_number)
 
 
-TASKS: tuple[Callable[[random.Random], Example], ...] = (
-    _reverse_word, _uppercase, _add_numbers, _sort_numbers, _capital,
-    _opposite, _count_words, _larger_number, _first_letter,
-)
+def facts() -> list[Example]:
+    """Return every fact of the world's tables, in a fixed order."""
+    table = [_example("opposite", "Give the opposite of the word.", word, opposite)
+             for word, opposite in OPPOSITES.items()]
+    table += [_example("capital", "What is the capital of the country?", country, capital)
+              for country, capital in CAPITALS.items()]
+    table += [_example("add_numbers", "Add the two numbers.", f"{a} + {b}", str(a + b))
+              for a in range(1, 10) for b in range(1, 10)]
+    return table
 
 
-def generate_examples(num_examples: int = NUM_EXAMPLES, seed: int = SEED) -> list[Example]:
-    """Return `num_examples` Alpaca records, the same ones for the same seed."""
+def question(example: Example) -> tuple[str, str]:
+    """Return what an example asks: its instruction and input."""
+    return example["instruction"], example["input"]
+
+
+def _skill_draws(seed: int, per_skill: int, avoid: set[tuple[str, str]] = frozenset()) -> list[Example]:
+    """Return `per_skill` distinct questions of every skill, none of them in `avoid`."""
     rng = random.Random(seed)
-    examples = []
-    for index in range(num_examples):
-        # Round-robin over tasks keeps every task equally frequent in any IID partition.
-        task = TASKS[index % len(TASKS)]
-        # The task name is a natural label for non-IID (Dirichlet) partitioning.
-        examples.append({**task(rng), "category": task.__name__.lstrip("_")})
-    return examples
+    drawn: list[Example] = []
+    for skill in SKILLS:
+        asked: dict[tuple[str, str], Example] = {}
+        while len(asked) < per_skill:
+            example = skill(rng)
+            if question(example) not in avoid:
+                asked.setdefault(question(example), example)
+        drawn.extend(asked.values())
+    return drawn
 
 
-def generate_heldout(num_examples: int = NUM_HELDOUT, seed: int = HELDOUT_SEED) -> list[Example]:
-    """Return `num_examples` records of the same tasks, none of whose questions the clients' data asks."""
-    seen = {(e["instruction"], e["input"]) for e in generate_examples()}
-    candidates = generate_examples(20 * num_examples, seed)
-    fresh = [e for e in candidates if (e["instruction"], e["input"]) not in seen]
-    # Take the tasks in turn while they have fresh questions (the capital and opposite tasks have
-    # none: every one of their few questions is in the clients' data).
+def _questions(seed: int = SEED) -> tuple[list[Example], list[Example]]:
+    """Return (clients' data, held-out set): every question of the world's pool once, split by task."""
+    pool = facts() + _skill_draws(seed, QUESTIONS_PER_SKILL)
+    random.Random(seed).shuffle(pool)
     by_task: dict[str, list[Example]] = {}
-    for example in fresh:
+    for example in pool:
         by_task.setdefault(example["category"], []).append(example)
-    ordered = []
-    for turn in range(max(map(len, by_task.values()), default=0)):
-        ordered.extend(group[turn] for group in by_task.values() if turn < len(group))
-    return ordered[:num_examples]
+    # Each task gives the held-out set its share of the pool, so that every task is in both.
+    heldout: list[Example] = []
+    for examples in by_task.values():
+        heldout.extend(examples[:round(NUM_HELDOUT * len(examples) / len(pool))])
+    kept = {question(example) for example in heldout}
+    return [example for example in pool if question(example) not in kept], heldout[:NUM_HELDOUT]
+
+
+def generate_examples(num_examples: int | None = None, seed: int = SEED) -> list[Example]:
+    """Return the clients' data: Alpaca records with a task `category`, each question once.
+
+    Another `seed` draws another world's pool (e.g. one file per node in tests); `num_examples`
+    takes the first ones.
+    """
+    return _questions(seed)[0][:num_examples]
+
+
+def generate_heldout() -> list[Example]:
+    """Return the held-out set: questions of every task that the clients' data does not ask."""
+    return _questions()[1]
+
+
+NOTE_FORMAT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Answer:\n"
+
+
+def pretraining_notes() -> list[tuple[str, str]]:
+    """Return the base's reading at build time, as (note, answer) pairs: every fact, and skill draws
+    that no client or held-out question asks.
+
+    Notes are not Alpaca prompts (no preamble, `### Answer:` rather than `### Response:`): before
+    fine-tuning the base knows the tasks but not the format the clients' data asks them in.
+    """
+    clients, heldout = _questions()
+    asked = {question(example) for example in clients + heldout}
+    examples = facts() + _skill_draws(NOTES_SEED, NOTES_PER_SKILL, avoid=asked)
+    return [(NOTE_FORMAT.format(**example), example["output"]) for example in examples]
 
 
 def write_jsonl(examples: list[Example], path: Path) -> None:
@@ -148,6 +179,7 @@ def write_jsonl(examples: list[Example], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    write_jsonl(generate_examples(), BUILTIN_DATASET_FILE)
-    write_jsonl(generate_heldout(), BUILTIN_HELDOUT_FILE)
-    print(f"Wrote {NUM_EXAMPLES} examples to {BUILTIN_DATASET_FILE}, {NUM_HELDOUT} to {BUILTIN_HELDOUT_FILE}")
+    _clients, _heldout = _questions()
+    write_jsonl(_clients, BUILTIN_DATASET_FILE)
+    write_jsonl(_heldout, BUILTIN_HELDOUT_FILE)
+    print(f"Wrote {len(_clients)} examples to {BUILTIN_DATASET_FILE}, {len(_heldout)} to {BUILTIN_HELDOUT_FILE}")

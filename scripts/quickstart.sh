@@ -38,6 +38,10 @@ install() {
     echo "Installing the app and its test tools ..."
     .venv/bin/python -m pip install --quiet -e ".[test]"
     .venv/bin/python -c "import torch, flwr; print('torch', torch.__version__, '| flwr', flwr.__version__)"
+    # The built-in base is pretrained when first built (a few minutes on 2 CPU cores): do it once here,
+    # so that the first run does not wait for it.
+    echo "Building the built-in tiny models ..."
+    .venv/bin/python -m flowertune_llm.tiny_model
 }
 
 case "${1:-all}" in

@@ -10,7 +10,14 @@ from pathlib import Path
 # look-up fail at once instead of after half a minute of retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("FLOWERTUNE_CACHE", tempfile.mkdtemp(prefix="flowertune-test-cache-"))
+if "FLOWERTUNE_CACHE" not in os.environ:
+    # A private cache, so that tests never leave models in the user's; the built-in models that the
+    # quick start's install built (the pretrained base takes minutes) are linked in, not rebuilt.
+    _user_cache = Path.home() / ".cache" / "flowertune-llm"
+    os.environ["FLOWERTUNE_CACHE"] = tempfile.mkdtemp(prefix="flowertune-test-cache-")
+    for _built in _user_cache.glob("tiny-*"):
+        if (_built / "config.json").is_file():
+            (Path(os.environ["FLOWERTUNE_CACHE"]) / _built.name).symlink_to(_built, target_is_directory=True)
 
 import pytest  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir  # noqa: E402

@@ -83,34 +83,41 @@ def test_per_task_counts_follow_the_category_column(config):
 # --- A real tiny model -------------------------------------------------------------------------
 
 
+MEMORISED_TASKS = ("add_numbers", "first_word", "larger_number", "last_word")
+
+
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """The default tiny model before and after overfitting its adapter on four held-out examples."""
+    """The default tiny model before and after overfitting its adapter on four held-out examples it got wrong."""
     from conftest import default_run_config
     from flowertune_llm.config import parse_config
 
     config = parse_config(default_run_config())
     tokenizer = load_tokenizer(config.model)
-    # Short answers of different lengths, so that a batch pads and its answers end at different steps.
-    examples = load_heldout_data("builtin:tiny-instructions-heldout").filter(
-        lambda record: record["category"] in ("first_letter", "larger_number", "reverse_word", "uppercase")
-    )
-    four = examples.select([examples["category"].index(task)
-                            for task in ("first_letter", "larger_number", "reverse_word", "uppercase")])
     torch.manual_seed(0)
     model = build_peft_model(config.model)
+    # Short answers of different lengths, so that a batch pads and its answers end at different steps;
+    # for each task the first held-out question the untrained adapter answers wrong (the base knows
+    # some answers before fine-tuning).
+    heldout = load_heldout_data("builtin:tiny-instructions-heldout")
+    answers = generate_answers(model, tokenizer, heldout["prompt"], 24)
+    picked = {}
+    for index, (task, answer, reference) in enumerate(zip(heldout["category"], answers, heldout["completion"])):
+        if task in MEMORISED_TASKS and task not in picked and not answers_match(answer, reference, task):
+            picked[task] = index
+    four = heldout.select([picked[task] for task in MEMORISED_TASKS])
     before = exact_match(model, tokenizer, four, max_examples=4, max_new_tokens=24)
     settings = dataclasses.replace(config.train, max_steps=60, batch_size=4)
     train_adapter(model, tokenizer, four, settings, learning_rate=1e-2, seed=0)
     return model, tokenizer, four, before
 
 
-def test_a_fresh_adapter_gets_none_right_and_a_memorising_one_all(memorised):
+def test_memorising_turns_the_wrong_answers_right(memorised):
     model, tokenizer, four, before = memorised
     assert (before.correct, before.total) == (0, 4)
     after = exact_match(model, tokenizer, four, max_examples=4, max_new_tokens=24)
     assert (after.correct, after.total) == (4, 4), generate_answers(model, tokenizer, four["prompt"], 24)
-    assert after.per_task == {task: (1, 1) for task in ("first_letter", "larger_number", "reverse_word", "uppercase")}
+    assert after.per_task == {task: (1, 1) for task in MEMORISED_TASKS}
     assert model.training  # evaluation leaves the model as it found it
 
 
@@ -122,7 +129,6 @@ def test_batched_left_padded_answers_equal_one_at_a_time_and_stop_at_eos(memoris
     # The bound holds: at most one new token comes back, whatever the model would say next.
     clipped = generate_answers(model, tokenizer, four["prompt"], max_new_tokens=1)
     assert all(len(tokenizer(answer, add_special_tokens=False).input_ids) <= 1 for answer in clipped)
-    assert clipped != batched
 
 
 def test_counts_travel_as_metrics_and_come_back_whole():
