@@ -48,7 +48,10 @@ def test_chunked_loss_matches_the_full_logits_loss(model_name):
     assert full_grads and full_grads.keys() == chunk_grads.keys()
     assert chunk_loss == pytest.approx(full_loss, rel=1e-6)
     for name in full_grads:
-        assert torch.allclose(chunk_grads[name], full_grads[name], rtol=1e-3, atol=1e-6), name
+        # Per tensor, relative to its size: the two paths round differently in bf16 (entries near 0
+        # differ by ~1e-6), a wrong chunking would be off by the gradient's own size.
+        difference = (chunk_grads[name] - full_grads[name]).norm() / full_grads[name].norm()
+        assert difference < 1e-3, (name, float(difference))
 
 
 def test_training_with_a_chunked_loss_moves_the_adapter():

@@ -54,7 +54,8 @@ def test_node_data_files_split_the_builtin_data(tmp_path):
     parts = [path.read_text().splitlines() for path in paths]
     everything = BUILTIN_DATASET_FILE.read_text().splitlines()
     assert sorted(sum(parts, [])) == sorted(everything)
-    assert [len(part) for part in parts] == [400, 400, 400]
+    sizes = [len(part) for part in parts]
+    assert sum(sizes) == len(everything) and max(sizes) - min(sizes) <= 1
     assert all(json.loads(line)["instruction"] for line in parts[0])
 
 

@@ -87,7 +87,7 @@ def test_local_training_moves_lora_weights_only_and_lowers_loss(config):
     lora_before = adapter_state(model)
     loss_before = evaluate_loss(model, tokenizer, eval_data, config.train)
     base_before = _base_function(model)
-    train_adapter(model, tokenizer, train_data, config.train, learning_rate=1e-2, seed=0)
+    train_adapter(model, tokenizer, train_data, config.train, learning_rate=2e-3, seed=0)  # the pretrained base: 1e-2 overshoots in one round
     base_after = _base_function(model)
     assert base_before.keys() == base_after.keys() and len(base_before) > 14
     assert all(torch.equal(base_before[n], base_after[n]) for n in base_before)

@@ -148,8 +148,9 @@ def test_padding_free_loss_and_lora_gradients_equal_padded_ones(bits, chunk_toke
     assert free_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in free_grads)
     assert all("lora_" in name for name in free_grads)
     # Both compute in bf16 (the 4-bit base's compute dtype, the 16-bit base's dtype): the same sums
-    # in other shapes round differently, by about bf16's 2^-8 per product.
-    assert free_loss == pytest.approx(padded_loss, rel=5e-4)
+    # in other shapes round differently, by about bf16's 2^-8 per product: measured 1.2e-3 on the
+    # pretrained 16-bit base. Attention leaking across examples moves it by several percent.
+    assert free_loss == pytest.approx(padded_loss, rel=3e-3)
     for name, padded_grad in padded_grads.items():
         error = (free_grads[name] - padded_grad).norm() / padded_grad.norm()
         assert error < 2e-2, f"{name}: relative gradient difference {error:.2e}"
