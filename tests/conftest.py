@@ -27,6 +27,22 @@ from flowertune_llm.config import AppConfig, parse_config  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def first_step_loss_and_gradients(trainer, model) -> tuple[float, int, dict]:
+    """Return the loss, the loss-token count and the gradients of `trainer`'s first batch, as a step computes them."""
+    import torch
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    # The trainer runs the loss under the accelerator's mixed precision; so does this.
+    with trainer.accelerator.autocast():
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), int(tokens), gradients
+
+
 def default_run_config(**overrides) -> dict:
     """Return the flat run config of pyproject.toml, with `overrides` applied (kebab keys)."""
     return get_fused_config_from_dir(REPO_ROOT, overrides)

@@ -13,7 +13,7 @@ from flowertune_llm.data import load_client_data
 from flowertune_llm.memory_report import full_logits_loss
 from flowertune_llm.model import build_peft_model, load_tokenizer
 
-from conftest import default_run_config
+from conftest import default_run_config, first_step_loss_and_gradients
 
 
 def _loss_and_gradients(model, tokenizer, config, data, chunk_tokens, loss_func=None):
@@ -21,15 +21,8 @@ def _loss_and_gradients(model, tokenizer, config, data, chunk_tokens, loss_func=
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = training._trainer(model, tokenizer, config.train, 0.01, 1, output_dir, train_data=data,
                                     compute_loss_func=loss_func)
-        batch = next(iter(trainer.get_train_dataloader()))
-        model.train()
-        model.zero_grad(set_to_none=True)
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        # The trainer runs the loss under the accelerator's mixed precision; so does this test.
-        with trainer.accelerator.autocast():
-            loss = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
-        loss.backward()
-    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        loss, _, gradients = first_step_loss_and_gradients(trainer, model)
+    return loss, gradients
 
 
 @pytest.mark.parametrize("model_name", ["builtin:tiny-llama", "builtin:tiny-phi"])  # Phi's LM head has a bias

@@ -20,7 +20,7 @@ from flowertune_llm.model import build_peft_model, load_tokenizer
 from flowertune_llm.prompts import ALPACA_WITHOUT_INPUT
 from flowertune_llm.tiny_model import ensure_builtin_model
 
-from conftest import default_run_config
+from conftest import default_run_config, first_step_loss_and_gradients
 
 RESPONSE_HEADER = ALPACA_WITHOUT_INPUT.rsplit("{instruction}", 1)[1]  # "\n\n### Response:\n"
 
@@ -119,14 +119,7 @@ def _loss_and_gradients(model, tokenizer, config, data):
     # As train_adapter does: the attention check, then per-example SDPA for flattened batches.
     with training.flattened_batches(model, config.train), tempfile.TemporaryDirectory() as output_dir:
         trainer = _trainer(model, tokenizer, config, data, output_dir)
-        batch = next(iter(trainer.get_train_dataloader()))
-        model.train()
-        model.zero_grad(set_to_none=True)
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        with trainer.accelerator.autocast():
-            loss = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
-        loss.backward()
-    return loss.item(), int(tokens), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return first_step_loss_and_gradients(trainer, model)
 
 
 @pytest.mark.parametrize("chunk_tokens", [0, 100])  # trl's fused LM head, and the chunked loss
