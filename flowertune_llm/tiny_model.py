@@ -147,31 +147,33 @@ def pretrain(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, notes: 
     # would otherwise settle in a different (sometimes much worse) place from a few ulps apart.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        batch = [encoded[int(index)] for index in torch.randint(len(encoded), (PRETRAIN_BATCH,), generator=order)]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(input_ids)
-        weights = torch.zeros(len(batch), width)
-        for row, (ids, answer_start) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-            weights[row, 1 : len(ids)] = 1.0
-            weights[row, answer_start : len(ids)] = ANSWER_WEIGHT
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        per_token = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none")
-        # weights[:, t] weighs predicting token t, i.e. logits at t - 1.
-        target_weights = weights[:, 1:].reshape(-1)
-        loss = (per_token * target_weights).sum() / target_weights.sum()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    torch.set_num_threads(threads)
+    try:
+        model.train()
+        loss = torch.tensor(float("nan"))
+        for _ in range(steps):
+            batch = [encoded[int(index)] for index in torch.randint(len(encoded), (PRETRAIN_BATCH,), generator=order)]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            mask = torch.zeros_like(input_ids)
+            weights = torch.zeros(len(batch), width)
+            for row, (ids, answer_start) in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+                weights[row, 1 : len(ids)] = 1.0
+                weights[row, answer_start : len(ids)] = ANSWER_WEIGHT
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+            per_token = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none")
+            # weights[:, t] weighs predicting token t, i.e. logits at t - 1.
+            target_weights = weights[:, 1:].reshape(-1)
+            loss = (per_token * target_weights).sum() / target_weights.sum()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
     return float(loss.detach())
 
 
