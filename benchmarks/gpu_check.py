@@ -37,8 +37,8 @@ def report(step: str, **figures: Any) -> None:
 
 def _model_folder(context: dict[str, Any], name: str) -> str:
     """Return the checkpoint a step trains: the random-weight `name` on a GPU, the tiny model in a dry run."""
-    from flowertune_llm.memory_report import ensure_random_checkpoint
-    from flowertune_llm.model import resolve_model_path
+    from flowertune_llm.tools.memory_report import ensure_random_checkpoint
+    from flowertune_llm.client.model import resolve_model_path
 
     if context["dry_run"]:
         return resolve_model_path("builtin:tiny-llama")
@@ -49,7 +49,7 @@ def _settings(context: dict[str, Any], bits: int, **overrides: Any):
     """Return the app's default config for the 3B checkpoint (tiny in a dry run) in `bits`, with overrides."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from flowertune_llm.config import parse_config
+    from flowertune_llm.shared.settings import parse_config
 
     run_config = get_fused_config_from_dir(REPO_ROOT, {
         "model.name": _model_folder(context, OPENLLAMA_3B), "model.quantization": bits,
@@ -67,7 +67,7 @@ def step_environment(context: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from flowertune_llm.devices import check_bf16, check_one_gpu, training_device
+    from flowertune_llm.shared.devices import check_bf16, check_one_gpu, training_device
 
     versions = {}
     for package in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "flwr", "ray", "triton",
@@ -117,7 +117,7 @@ def step_bitsandbytes(context: dict[str, Any]) -> dict[str, Any]:
 
 def step_fused_loss(context: dict[str, Any]) -> dict[str, Any]:
     """Whether trl's fused loss (Triton kernels on CUDA) compiles and runs; which loss the clients pick."""
-    from flowertune_llm import devices
+    from flowertune_llm.shared import devices
 
     problem = devices.fused_loss_problem(context["device"])
     settings = devices.loss_settings(_settings(context, 4).train, devices.training_device())
@@ -139,7 +139,7 @@ def step_ray_actors(context: dict[str, Any]) -> dict[str, Any]:
 
         import torch
 
-        from flowertune_llm.devices import cap_memory_to_ray_share, ray_gpu_share
+        from flowertune_llm.shared.devices import cap_memory_to_ray_share, ray_gpu_share
 
         return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "share": ray_gpu_share(),
                 "cuda": torch.cuda.is_available(), "memory_cap": cap_memory_to_ray_share()}
@@ -179,9 +179,9 @@ def step_quantized_cache(context: dict[str, Any]) -> dict[str, Any]:
     """The 3B random checkpoint in 4 and 8 bits: quantize and save, reload from the cache, same logits."""
     import torch
 
-    from flowertune_llm.kept_model import release_memory
-    from flowertune_llm.model import load_quantized_base
-    from flowertune_llm.quantized_cache import cache_entry
+    from flowertune_llm.client.kept_model import release_memory
+    from flowertune_llm.client.model import load_quantized_base
+    from flowertune_llm.client.quantized_cache import cache_entry
 
     figures: dict[str, Any] = {}
     for bits in (4, 8):
@@ -206,7 +206,7 @@ def step_quantized_cache(context: dict[str, Any]) -> dict[str, Any]:
 
 def _memory_report(context: dict[str, Any], settings: list[str], variants: list[str], steps: int) -> dict[str, Any]:
     """Run the memory report (one fresh process per measurement) and return its JSON."""
-    from flowertune_llm import memory_report
+    from flowertune_llm.tools import memory_report
 
     output = Path(context["workdir"]) / f"memory-{'-'.join(settings)}-{'-'.join(variants)}.json"
     overrides = f"model.quantized-cache-dir='{context['cache']}'"
@@ -245,10 +245,10 @@ def step_kept_model(context: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from flowertune_llm import kept_model
-    from flowertune_llm.data import load_client_data
-    from flowertune_llm.model import load_tokenizer
-    from flowertune_llm.training import train_adapter
+    from flowertune_llm.client import kept_model
+    from flowertune_llm.client.data import load_client_data
+    from flowertune_llm.client.model import load_tokenizer
+    from flowertune_llm.client.training import train_adapter
 
     config = _settings(context, 4, **{"train.seq-length": 128, "train.batch-size": 4, "train.max-steps": 2})
     data, _ = load_client_data(config.dataset, 0, 2)
@@ -290,7 +290,7 @@ def step_simulation(context: dict[str, Any]) -> dict[str, Any]:
     })
     config_file = Path(context["workdir"]) / "simulation-run-config.json"
     config_file.write_text(json.dumps(run_config))
-    completed = subprocess.run([sys.executable, "-m", "flowertune_llm.simulation", str(config_file), "4", str(num_gpus)],
+    completed = subprocess.run([sys.executable, "-m", "flowertune_llm.tools.simulation", str(config_file), "4", str(num_gpus)],
                                cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     metrics = results / "run" / "metrics.json"
     if completed.returncode != 0 or not metrics.is_file():
@@ -307,7 +307,7 @@ def step_simulation(context: dict[str, Any]) -> dict[str, Any]:
 
 def step_memory_report(context: dict[str, Any]) -> dict[str, Any]:
     """The reference's four settings beside its figures (3B 4-bit comes from the training step's `app` row)."""
-    from flowertune_llm.memory_report import REFERENCE_VRAM_GB
+    from flowertune_llm.tools.memory_report import REFERENCE_VRAM_GB
 
     if not context["dry_run"]:
         _model_folder(context, OPENLLAMA_7B)  # built once, into the model cache

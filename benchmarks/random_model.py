@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from flowertune_llm.tiny_model import build_tokenizer, tiny_llama_config
+from flowertune_llm.builtin.models import build_tokenizer, tiny_llama_config
 
 
 def build_random_llama(folder: Path, hidden: int, layers: int, intermediate: int, heads: int) -> int:

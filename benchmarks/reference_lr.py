@@ -1,6 +1,6 @@
 """Measure training at the reference learning rates: entries moved per round, and what the wire costs.
 
-Runs the app (in one process, `flowertune_llm.simulation`) with the reference schedule, once per
+Runs the app (in one process, `flowertune_llm.tools.simulation`) with the reference schedule, once per
 transfer precision, saving the global adapter after every round, and prints per round the share
 of lora_A and lora_B entries that changed and the train loss; then each precision's final adapter
 against the float32 wire's (norm of the difference over norm of the total update).
@@ -21,10 +21,10 @@ import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from safetensors.torch import load_file
 
-from flowertune_llm.adapters import adapter_state
-from flowertune_llm.config import parse_config
-from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.simulation import simulate
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.tools.simulation import simulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = {"train.learning-rate-max": 5e-5, "train.learning-rate-min": 1e-6}

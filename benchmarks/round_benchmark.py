@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.simulation import simulate
+from flowertune_llm.shared.settings import ConfigError, parse_config
+from flowertune_llm.tools.simulation import simulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("base", "adapter_load", "data", "train", "serialize")

@@ -6,7 +6,7 @@ its own `data-path` file in a deployment) for `train.max-steps` steps (with FedP
 term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
 timings. On the wire the reply carries the update, trained minus received, in the precision the
 global adapter came in (`adapters.send_update_mod`, the outermost mod). With client-side
-differential privacy, Flower's clipping mod clips the update inside it (`privacy.clipping_mod`).
+differential privacy, Flower's clipping mod clips the update inside it (`clipping.clipping_mod`).
 """
 
 from __future__ import annotations
@@ -17,30 +17,39 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from flowertune_llm.adapters import (
+from flowertune_llm.client.clipping import clipping_mod
+from flowertune_llm.client.data import load_client_data
+from flowertune_llm.client.exact_match import exact_match
+from flowertune_llm.client.kept_model import peft_model
+from flowertune_llm.client.model import load_tokenizer
+from flowertune_llm.client.preflight import check_node_data
+from flowertune_llm.client.training import evaluate_loss, round_seed, train_adapter
+from flowertune_llm.shared.adapters import (
     adapter_state,
     from_array_record,
     load_adapter_state,
     send_update_mod,
     to_array_record,
 )
-from flowertune_llm.config import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
-from flowertune_llm.data import load_client_data
-from flowertune_llm.devices import loss_settings, prepare_client_device
-from flowertune_llm.exact_match import exact_match, to_metrics
-from flowertune_llm.kept_model import peft_model
-from flowertune_llm.model import load_tokenizer
-from flowertune_llm.preflight import check_node_data
-from flowertune_llm.privacy import clipping_mod
-from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY
-from flowertune_llm.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
-from flowertune_llm.training import evaluate_loss, round_seed, train_adapter
+from flowertune_llm.shared.answer_counts import to_metrics
+from flowertune_llm.shared.devices import loss_settings, prepare_client_device
+from flowertune_llm.shared.protocol import (
+    ARRAYS,
+    CONFIG,
+    EVAL_LOSS,
+    LEARNING_RATE,
+    METRICS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    RUN_ROUND,
+    TRAIN_LOSS,
+)
+from flowertune_llm.shared.settings import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
+from flowertune_llm.shared.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
 
 app = ClientApp()
 # Mods around the train handler, outermost first; `simulation.py` uses the same.
 TRAIN_MODS = [send_update_mod, clipping_mod]
-# FedProx's strategy sends its mu under this key in the train config.
-PROXIMAL_MU_KEY = "proximal-mu"
 
 
 def _quiet_progress_bars() -> None:
@@ -63,7 +72,7 @@ def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTime
     with timer.phase("base"):
         model = peft_model(config.model, reuse=config.model.reuse_base)
     with timer.phase("adapter-load"):
-        load_adapter_state(model, from_array_record(msg.content["arrays"]))
+        load_adapter_state(model, from_array_record(msg.content[ARRAYS]))
     return model
 
 
@@ -80,30 +89,30 @@ def train(msg: Message, context: Context) -> Message:
         check_node_data(node)
         train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     model = _model_with_global_adapter(config, msg, timer)
-    round_config = msg.content["config"]
+    round_config = msg.content[CONFIG]
     with timer.phase("train"):
         outcome = train_adapter(
             model,
             load_tokenizer(config.model),
             train_data,
             loss_settings(config.train, device),
-            learning_rate=float(round_config[LEARNING_RATE_KEY]),
-            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND_KEY]), node.seed_offset),
-            proximal_mu=float(round_config.get(PROXIMAL_MU_KEY, 0.0)),
+            learning_rate=float(round_config[LEARNING_RATE]),
+            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND]), node.seed_offset),
+            proximal_mu=float(round_config.get(PROXIMAL_MU, 0.0)),
         )
     with timer.phase("serialize"):
         # Whole float32 adapter; `send_update_mod` turns it into the update in transfer precision.
         arrays = to_array_record(adapter_state(model))
     metrics = MetricRecord({
-        "train_loss": outcome.loss,
-        "num-examples": len(train_data),
+        TRAIN_LOSS: outcome.loss,
+        NUM_EXAMPLES: len(train_data),
         "train-tokens-per-s": outcome.tokens / max(timer.seconds["train"], 1e-9),
         **timer.metrics(),
         **peak_memory_metrics(),
         # 1 on a CUDA GPU, 0 on the CPU; the round's mean says where its clients trained (metrics.json `device`).
         "trained-on-gpu": float(device.on_gpu),
     })
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -124,6 +133,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     with timer.phase("exact-match"):
         counts = exact_match(model, tokenizer, eval_data, config.evaluate.exact_match_examples,
                              config.evaluate.max_new_tokens, batch_size=config.train.batch_size)
-    metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": len(eval_data), **to_metrics(counts),
+    metrics = MetricRecord({EVAL_LOSS: eval_loss, NUM_EXAMPLES: len(eval_data), **to_metrics(counts),
                             **timer.metrics()})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

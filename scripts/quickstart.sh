@@ -41,7 +41,7 @@ install() {
     # The built-in base is pretrained when first built (a few minutes on 2 CPU cores): do it once here,
     # so that the first run does not wait for it.
     echo "Building the built-in tiny models ..."
-    .venv/bin/python -m flowertune_llm.tiny_model
+    .venv/bin/python -m flowertune_llm.builtin.models
 }
 
 case "${1:-all}" in

@@ -22,7 +22,7 @@ if "FLOWERTUNE_CACHE" not in os.environ:
 import pytest  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir  # noqa: E402
 
-from flowertune_llm.config import AppConfig, parse_config  # noqa: E402
+from flowertune_llm.shared.settings import AppConfig, parse_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def config() -> AppConfig:
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
     """Return the folder of a 2-round default run (tiny model, 2 clients), run once per session."""
-    from flowertune_llm.simulation import simulate
+    from flowertune_llm.tools.simulation import simulate
 
     parent = tmp_path_factory.mktemp("finished-run")
     simulate(default_run_config(**{

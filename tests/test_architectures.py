@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 from peft.tuners.lora import LoraLayer
 
-from flowertune_llm.config import BUILTIN_MODEL_NAMES, parse_config
-from flowertune_llm.model import ModelSourceError, build_adapter_skeleton
-from flowertune_llm.tiny_model import BUILTIN_CONFIGS
+from flowertune_llm.shared.registry import BUILTIN_MODELS
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.model import ModelSourceError, build_adapter_skeleton
+from flowertune_llm.builtin.models import ARCHITECTURES
 
 from conftest import default_run_config
 
@@ -34,11 +35,11 @@ def _targeted(model_name: str, targets: str) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, LoraLayer)}
 
 
-def test_config_and_builder_know_the_same_builtin_models():
-    assert set(BUILTIN_MODEL_NAMES) == set(BUILTIN_CONFIGS)
+def test_every_registered_builtin_model_has_an_architecture_the_builder_knows():
+    assert {entry.architecture for entry in BUILTIN_MODELS.values()} <= set(ARCHITECTURES)
 
 
-@pytest.mark.parametrize("model_name", BUILTIN_MODEL_NAMES)
+@pytest.mark.parametrize("model_name", sorted(BUILTIN_MODELS))
 def test_target_modules_resolve_per_architecture(model_name):
     assert _targeted(model_name, "peft-default") == PEFT_DEFAULTS[model_name]
     assert _targeted(model_name, "all-linear") == ALL_LINEAR[model_name]

@@ -9,10 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm import chat, export
-from flowertune_llm.adapter_card import CARD_FILE, read_card
-from flowertune_llm.model import resolve_model_path
-from flowertune_llm.prompts import alpaca_prompt
+from flowertune_llm.tools import chat
+
+from flowertune_llm.tools import export
+from flowertune_llm.shared.adapter_card import CARD_FILE, read_card
+from flowertune_llm.client.model import resolve_model_path
+from flowertune_llm.shared.prompts import alpaca_prompt
 
 
 def test_saved_adapter_records_its_base_and_prompt_format(finished_run):

@@ -7,28 +7,28 @@ import json
 import pytest
 from datasets import Dataset
 
-from flowertune_llm.builtin_data import (
+from flowertune_llm.builtin.world import (
     BUILTIN_DATASET_FILE,
     BUILTIN_HELDOUT_FILE,
     generate_examples,
     generate_heldout,
     write_jsonl,
 )
-from flowertune_llm.data import (
+from flowertune_llm.client.data import (
     check_dataset_source,
     DatasetSourceError,
     dataset_source,
     load_client_data,
     to_prompt_completion,
 )
-from flowertune_llm.model import build_peft_model, load_tokenizer
-from flowertune_llm.prompts import alpaca_prompt
-from flowertune_llm.server_eval import load_heldout_data
-from flowertune_llm.training import _trainer
+from flowertune_llm.client.model import build_peft_model, load_tokenizer
+from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.server.evaluator import load_heldout_data
+from flowertune_llm.client.training import _trainer
 
 from conftest import default_run_config
-from flowertune_llm.config import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
-from flowertune_llm.preflight import check_node_data
+from flowertune_llm.shared.settings import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
+from flowertune_llm.client.preflight import check_node_data
 
 
 def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from flowertune_llm.builtin_data import generate_examples
-from flowertune_llm.simulation import simulate
+from flowertune_llm.builtin.world import generate_examples
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import default_run_config
 

@@ -1,6 +1,6 @@
 """A real Flower deployment on loopback: `flwr run . remote-deployment` through a SuperLink and SuperNodes.
 
-`python -m flowertune_llm.local_deployment up` starts a `flower-superlink` (TLS, SuperNode
+`flowertune deploy up` starts a `flower-superlink` (TLS, SuperNode
 authentication on) and two `flower-supernode` processes, each a data owner with its own file, in a
 private Flower home on free ports; `down` stops them by PID. The tests check that the app trains
 through it as in simulation, that a SuperNode with an unregistered key is refused, and that a
@@ -19,12 +19,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from flower_env import flwr, private_flwr_env
-from flowertune_llm.builtin_data import generate_examples, write_jsonl
-from flowertune_llm.credentials import make_supernode_key
-from flowertune_llm.local_deployment import (
+from flowertune_llm.builtin.world import generate_examples, write_jsonl
+from flowertune_llm.tools.credentials import make_supernode_key
+from flowertune_llm.tools.local_deployment import (
     Deployment,
     is_running,
     process_tree,
@@ -43,7 +44,7 @@ RUN = "num-server-rounds=2 train.max-steps=2 strategy.fraction-evaluate=0.0"
 
 
 def _launcher(arguments: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowertune_llm.local_deployment", *arguments],
+    return subprocess.run([sys.executable, "-m", "flowertune_llm.tools.local_deployment", *arguments],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -125,10 +126,16 @@ def test_app_trains_through_superlink_and_supernodes_over_tls(deployment):
     assert "Round 2/2: 2/2 clients replied" in output
     # Each node trained on its own file: 90 + 126 examples, not a slice of the built-in data.
     assert [r["train_examples"] for r in rounds] == [sum(NODE_TRAIN_EXAMPLES)] * 2
-    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
+    # The nodes trained: every LoRA B matrix (zero at initialisation) moved, the losses are finite.
+    # Whether two 2-step rounds lower the loss depends on each node's seed (its data file's path,
+    # a fresh temporary folder each run), so learning itself is checked in the simulation tests.
+    assert all(0 < r["train_loss"] < 10 for r in rounds)
     for name in ("run-config.toml", "checkpoint.safetensors", "adapter-final/adapter_model.safetensors",
                  "adapter-final/adapter_config.json"):
         assert (folder / name).is_file(), name
+    final = load_file(folder / "adapter-final" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in final.items() if "lora_B" in name]
+    assert lora_b and all(bool(tensor.abs().sum() > 0) for tensor in lora_b)
 
 
 def _clientapp_running(pid: int, program: str) -> bool:

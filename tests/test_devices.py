@@ -13,9 +13,9 @@ import types
 import pytest
 import torch
 
-from flowertune_llm import devices
-from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.devices import DeviceError, TrainingDevice
+from flowertune_llm.shared import devices
+from flowertune_llm.shared.settings import ConfigError, parse_config
+from flowertune_llm.shared.devices import DeviceError, TrainingDevice
 
 from conftest import default_run_config
 
@@ -147,7 +147,7 @@ def test_ray_gives_actors_the_gpu_share_they_asked_for():
     # A real Ray cluster declaring one GPU (none is needed for Ray's bookkeeping), in its own process.
     script = """
 import json, ray
-from flowertune_llm.devices import ray_gpu_share
+from flowertune_llm.shared.devices import ray_gpu_share
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
 @ray.remote
 def seen():
@@ -191,8 +191,8 @@ def test_a_rounds_device_comes_from_its_clients_mean(mean, device):
 
 
 def test_the_round_line_warns_when_a_gpu_was_expected_and_clients_trained_on_cpu(config, tmp_path):
-    from flowertune_llm.model import build_adapter_skeleton
-    from flowertune_llm.results import RunRecorder
+    from flowertune_llm.client.model import build_adapter_skeleton
+    from flowertune_llm.server.results import RunRecorder
 
     config.train.expect_gpu = "warn"
     recorder = RunRecorder(tmp_path / "run", config, build_adapter_skeleton(config.model, seed=0))
@@ -215,7 +215,7 @@ def test_expect_gpu_stop_ends_the_run_after_a_round_without_gpu_training():
 
 
 def test_simulated_clients_ask_ray_for_a_gpu_share_only_when_given_one():
-    from flowertune_llm.simulation import client_resources
+    from flowertune_llm.tools.simulation import client_resources
 
     assert client_resources() == {"num_cpus": 1}
     assert client_resources(0.5) == {"num_cpus": 1, "num_gpus": 0.5}

@@ -16,9 +16,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from flowertune_llm import cli
-from flowertune_llm.adapter_card import CARD_FILE
-from flowertune_llm.evaluation import runner
+from flowertune_llm.tools import cli
+from flowertune_llm.shared.adapter_card import CARD_FILE
+from flowertune_llm.tools.evaluation import runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,7 +218,7 @@ def test_code_runs_generated_programs_when_allowed(run_copy, suite_data, capsys)
 
 def test_flowertune_console_script_is_installed():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["flowertune"] == "flowertune_llm.cli:main"
+    assert scripts["flowertune"] == "flowertune_llm.tools.cli:main"
     executable = Path(sys.executable).parent / "flowertune"
     result = subprocess.run([str(executable), "evaluate", "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

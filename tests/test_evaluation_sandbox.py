@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from flowertune_llm.evaluation.sandbox import run_program
+from flowertune_llm.tools.evaluation.sandbox import run_program
 
 needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")

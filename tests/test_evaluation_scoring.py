@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flowertune_llm.evaluation import prompts, scoring
-from flowertune_llm.evaluation.prompts import RowError
+from flowertune_llm.tools.evaluation import prompts, scoring
+from flowertune_llm.tools.evaluation.prompts import RowError
 
 
 @pytest.mark.parametrize(

@@ -9,23 +9,20 @@ import torch
 from datasets import Dataset
 from flwr.app import MetricRecord
 
-from flowertune_llm.exact_match import (
+from flowertune_llm.client.exact_match import answers_match, exact_match, generate_answers, normalise_answer
+from flowertune_llm.shared.answer_counts import (
     ExactMatchCounts,
-    answers_match,
     combine_counts,
-    exact_match,
     from_metrics,
-    generate_answers,
     is_per_task_key,
-    normalise_answer,
     record_fields,
     to_metrics,
     without_per_task_keys,
 )
-from flowertune_llm.model import build_peft_model, load_tokenizer
-from flowertune_llm.prompts import alpaca_prompt
-from flowertune_llm.server_eval import load_heldout_data
-from flowertune_llm.training import train_adapter
+from flowertune_llm.client.model import build_peft_model, load_tokenizer
+from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.server.evaluator import load_heldout_data
+from flowertune_llm.client.training import train_adapter
 
 
 def test_normalisation_strips_collapses_whitespace_and_ignores_case_unless_asked():
@@ -90,7 +87,7 @@ MEMORISED_TASKS = ("add_numbers", "first_word", "larger_number", "last_word")
 def memorised(tmp_path_factory):
     """The default tiny model before and after overfitting its adapter on four held-out examples it got wrong."""
     from conftest import default_run_config
-    from flowertune_llm.config import parse_config
+    from flowertune_llm.shared.settings import parse_config
 
     config = parse_config(default_run_config())
     tokenizer = load_tokenizer(config.model)

@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flowertune_llm import client_app
-from flowertune_llm.adapters import adapter_state, from_array_record, to_array_record
-from flowertune_llm.config import parse_config
-from flowertune_llm.model import build_adapter_skeleton
+from flowertune_llm.shared.adapters import adapter_state, from_array_record, to_array_record
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.model import build_adapter_skeleton
 
 from conftest import default_run_config
-from flowertune_llm.simulation import simulate
+from flowertune_llm.tools.simulation import simulate
 
 NODES = 6
 

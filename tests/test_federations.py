@@ -13,22 +13,20 @@ from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
-from flwr.proto.federation_config_pb2 import SimulationConfig  # pylint: disable=no-name-in-module
-from flwr.supercore.utils import simulation_config_from_json
 
 from conftest import REPO_ROOT, default_run_config
 from flower_env import flwr, local_superlink_pids, private_flwr_env, stop_pids
-from flowertune_llm.config import parse_config
-from flowertune_llm.data import load_client_data
+from flowertune_llm.shared import flower_compat
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.data import load_client_data
 
 FEDERATIONS = REPO_ROOT / "federations"
 FEDERATION_FILES = sorted(FEDERATIONS.glob("*.toml"))
 
 
-def simulation_config(path: Path) -> SimulationConfig:
+def simulation_config(path: Path):
     """Parse a federation file the way `flwr run --federation-config` does."""
-    settings = parse_config_args([str(path)])
-    return simulation_config_from_json({key.replace("-", "_"): value for key, value in settings.items()})
+    return flower_compat.simulation_config(parse_config_args([str(path)]))
 
 
 def paired_run_config(federation: Path) -> Path:

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from flowertune_llm.adapters import adapter_state, load_adapter_state
-from flowertune_llm.data import load_client_data
-from flowertune_llm.model import build_adapter_skeleton, build_peft_model, load_tokenizer
-from flowertune_llm.training import train_adapter
+from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
+from flowertune_llm.client.data import load_client_data
+from flowertune_llm.client.model import build_adapter_skeleton, build_peft_model, load_tokenizer
+from flowertune_llm.client.training import train_adapter
 
 
 def _distance(adapter: dict, origin: dict) -> float:
@@ -20,7 +20,7 @@ def _distance(adapter: dict, origin: dict) -> float:
 @pytest.fixture(scope="module")
 def trained_distances(request):
     """Train one round from the same global adapter, data and seed with each mu; return distances moved."""
-    from flowertune_llm.config import parse_config
+    from flowertune_llm.shared.settings import parse_config
 
     from conftest import default_run_config
 

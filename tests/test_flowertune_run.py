@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def flowertune(arguments: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run `flowertune <arguments>` in the repository root; return the finished process."""
-    return subprocess.run([sys.executable, "-m", "flowertune_llm.cli", *arguments], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "flowertune_llm.tools.cli", *arguments], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -76,9 +76,12 @@ def test_ctrl_c_stops_the_run_and_leaves_none_of_its_processes(tmp_path):
         stop_pids(local_superlink_pids(home))
         raise
     wrapper = subprocess.Popen(
-        [sys.executable, "-m", "flowertune_llm.cli", "run", ".", "--run-config",
+        [sys.executable, "-m", "flowertune_llm.tools.cli", "run", ".", "--run-config",
          f"num-server-rounds=50 results.dir='{results}' results.run-name='stop-me'"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A runner started in the background (`cmd &`) ignores SIGINT, and children inherit that;
+        # the user's terminal does not, so give the wrapper the default disposition a terminal gives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert wrapper.stdout is not None
         seen = []

@@ -14,15 +14,16 @@ import torch
 from flwr.app import ArrayRecord
 
 from conftest import REPO_ROOT
-from flowertune_llm import cli, plot
-from flowertune_llm.export import default_output
-from flowertune_llm.launcher import (DISABLE_INSTALL, RunOutcome, RunRequest, effective_run_config, flwr_environment,
+from flowertune_llm.tools import cli
+from flowertune_llm.tools import plot
+from flowertune_llm.tools.export import default_output
+from flowertune_llm.tools.launcher import (DISABLE_INSTALL, RunOutcome, RunRequest, effective_run_config, flwr_environment,
                                    flwr_run_command, follow)
-from flowertune_llm.adapters import adapter_state, to_array_record
-from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.results import RunRecorder, save_checkpoint, to_toml, write_atomically
-from flowertune_llm.resume import continuation_config
-from flowertune_llm.run_summary import summary
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.server.results import RunRecorder, save_checkpoint, to_toml, write_atomically
+from flowertune_llm.server.resume import continuation_config
+from flowertune_llm.server.run_summary import summary
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_stream_keeps_run_id_folder_rounds_and_the_apps_error(tmp_path, capsys):
         "\x1b[92mINFO \x1b[0m:      Saved the final adapter | not shown\n",
         "\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception: boom\n",
         "Traceback (most recent call last):\n",
-        "flowertune_llm.results.ResultsError: results.run-name: 'x' already holds a run\n",
+        "flowertune_llm.server.results.ResultsError: results.run-name: 'x' already holds a run\n",
     ]
     outcome = RunOutcome()
     follow(iter(stream), outcome, out=sys.stdout, verbose=False)

@@ -11,10 +11,14 @@ import weakref
 import pytest
 import torch
 
-from flowertune_llm import kept_model, memory_report, telemetry
-from flowertune_llm.data import load_client_data
-from flowertune_llm.model import load_tokenizer
-from flowertune_llm.training import train_adapter
+from flowertune_llm.client import kept_model
+
+from flowertune_llm.tools import memory_report
+
+from flowertune_llm.shared import telemetry
+from flowertune_llm.client.data import load_client_data
+from flowertune_llm.client.model import load_tokenizer
+from flowertune_llm.client.training import train_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +101,7 @@ def test_nvml_gives_the_process_figure_or_none(monkeypatch):
 
 
 def test_each_measurement_process_sees_one_gpu(monkeypatch):
-    from flowertune_llm import devices
+    from flowertune_llm.shared import devices
 
     seen = {}
 

@@ -11,11 +11,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
-from flwr.cli.supernode.register import try_load_public_key
 
-from flowertune_llm.builtin_data import BUILTIN_DATASET_FILE
-from flowertune_llm.credentials import make_supernode_key, make_tls_files
-from flowertune_llm.local_deployment import (
+from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE
+from flowertune_llm.shared.flower_compat import load_supernode_public_key
+from flowertune_llm.tools.credentials import make_supernode_key, make_tls_files
+from flowertune_llm.tools.local_deployment import (
     DeploymentError,
     StartedProcess,
     is_running,
@@ -45,7 +45,7 @@ def test_supernode_key_is_what_flower_reads(tmp_path):
     pair = make_supernode_key(tmp_path, "node")
     private = load_ssh_private_key(pair.private_key.read_bytes(), None)  # as flower-supernode loads it
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-    assert try_load_public_key(pair.public_key)  # as `flwr supernode register` loads it
+    assert load_supernode_public_key(pair.public_key)  # as `flwr supernode register` loads it
     assert pair.private_key.stat().st_mode & 0o077 == 0
 
 

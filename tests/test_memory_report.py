@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from flowertune_llm import memory_report
-from flowertune_llm.config import parse_config
+from flowertune_llm.tools import memory_report
+from flowertune_llm.shared.settings import parse_config
+
+from conftest import REPO_ROOT
 
 
 def test_tiny_default_is_measured_in_a_fresh_process(tmp_path, capsys):
@@ -27,7 +29,7 @@ def test_tiny_default_is_measured_in_a_fresh_process(tmp_path, capsys):
 
 @pytest.mark.parametrize("setting", sorted(memory_report.REFERENCE_VRAM_GB) + ["llama2-7b-4bit"])
 def test_reference_settings_resolve_to_a_known_architecture(setting):
-    run_config = memory_report.setting_run_config(setting, {})
+    run_config = memory_report.setting_run_config(setting, {}, REPO_ROOT)
     parse_config(run_config)
     model_config = memory_report.architecture(run_config["model.name"])
     width = {"3b": 3200, "7b": 4096}[setting.split("-")[1]]
@@ -57,3 +59,22 @@ def test_bad_arguments_stop_with_one_message(capsys, argv, message):
         memory_report.main(argv)
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_settings_come_from_the_app_folder_given_not_the_installed_package(tmp_path):
+    app = tmp_path / "my-app"
+    (app / "presets").mkdir(parents=True)
+    (app / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text().replace(
+        "model.lora.r = 16", "model.lora.r = 4"))
+    (app / "presets" / "mine.toml").write_text("train.seq-length = 128\n")
+    run_config = memory_report.setting_run_config("mine", {}, app)
+    assert (run_config["model.lora.r"], run_config["train.seq-length"]) == (4, 128)
+    with pytest.raises(ValueError, match="no setting 'openllama-3b-4bit'"):
+        memory_report.setting_run_config("openllama-3b-4bit", {}, app)  # a preset of this repo, not of that app
+
+
+def test_an_app_folder_without_pyproject_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        memory_report.main(["--app", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"--app {tmp_path}: no pyproject.toml there" in capsys.readouterr().err

@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from flowertune_llm.adapters import adapter_state
-from flowertune_llm.config import parse_config
-from flowertune_llm.data import load_client_data
-from flowertune_llm.model import (
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.data import load_client_data
+from flowertune_llm.client.model import (
     ModelSourceError,
     build_adapter_skeleton,
     build_peft_model,
@@ -19,7 +19,7 @@ from flowertune_llm.model import (
     lora_config,
     quantization_config,
 )
-from flowertune_llm.training import evaluate_loss, train_adapter
+from flowertune_llm.client.training import evaluate_loss, train_adapter
 
 from conftest import default_run_config
 

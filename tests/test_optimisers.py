@@ -15,9 +15,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from flowertune_llm.adapters import WIRE_DTYPES, to_array_record
-from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.strategy import LoraRounds, build_strategy
+from flowertune_llm.shared.adapters import WIRE_DTYPES, to_array_record
+from flowertune_llm.shared.settings import ConfigError, parse_config
+from flowertune_llm.server.strategy import LoraRounds, build_strategy
 
 from conftest import default_run_config
 from test_strategy import Grid, _reply, task_identity  # noqa: F401 (task_identity is an autouse fixture)

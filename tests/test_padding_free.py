@@ -13,12 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm import per_example_attention, training
-from flowertune_llm.config import BUILTIN_MODEL_NAMES, parse_config
-from flowertune_llm.data import load_client_data
-from flowertune_llm.model import build_peft_model, load_tokenizer
-from flowertune_llm.prompts import ALPACA_WITHOUT_INPUT
-from flowertune_llm.tiny_model import ensure_builtin_model
+from flowertune_llm.client import per_example_attention
+
+from flowertune_llm.client import training
+from flowertune_llm.shared.registry import BUILTIN_MODELS
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.data import load_client_data
+from flowertune_llm.client.model import build_peft_model, load_tokenizer
+from flowertune_llm.shared.prompts import ALPACA_WITHOUT_INPUT
+from flowertune_llm.builtin.models import ensure_builtin_model
 
 from conftest import default_run_config, first_step_loss_and_gradients
 
@@ -46,7 +49,7 @@ def _segments(batch: dict[str, torch.Tensor]) -> list[slice]:
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("model_name", BUILTIN_MODEL_NAMES)
+@pytest.mark.parametrize("model_name", sorted(BUILTIN_MODELS))
 def test_attention_keeps_the_examples_of_a_flattened_row_apart(model_name, implementation):
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model(model_name), attn_implementation=implementation)
     model.eval()
@@ -64,7 +67,7 @@ def test_attention_keeps_the_examples_of_a_flattened_row_apart(model_name, imple
     assert not torch.allclose(mixed[:, 9:], alone[1], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("model_name", BUILTIN_MODEL_NAMES)
+@pytest.mark.parametrize("model_name", sorted(BUILTIN_MODELS))
 def test_per_example_sdpa_equals_the_examples_alone_and_leaves_padded_batches_to_sdpa(model_name):
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model(model_name), attn_implementation="sdpa")
     model.eval()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from flowertune_llm import plot
+from flowertune_llm.tools import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from flowertune_llm import server_app
-from flowertune_llm.config import parse_config
-from flowertune_llm.data import DatasetSourceError
-from flowertune_llm.model import ModelSourceError
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.data import DatasetSourceError
+from flowertune_llm.client.model import ModelSourceError
 
 from conftest import REPO_ROOT
 

@@ -18,10 +18,10 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 
-from flowertune_llm.adapters import from_array_record, to_array_record
-from flowertune_llm.config import ConfigError, parse_config
-from flowertune_llm.privacy import clipping_mod
-from flowertune_llm.strategy import build_strategy
+from flowertune_llm.shared.adapters import from_array_record, to_array_record
+from flowertune_llm.shared.settings import ConfigError, parse_config
+from flowertune_llm.client.clipping import clipping_mod
+from flowertune_llm.server.strategy import build_strategy
 
 from conftest import default_run_config
 from test_strategy import Grid, _reply, task_identity  # noqa: F401 (task_identity is an autouse fixture)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowertune_llm import model as model_module
-from flowertune_llm.model import load_quantized_base, resolve_model_path
-from flowertune_llm.quantized_cache import cache_entry
+from flowertune_llm.client import model as model_module
+from flowertune_llm.client.model import load_quantized_base, resolve_model_path
+from flowertune_llm.client.quantized_cache import cache_entry
 
 
 @pytest.fixture

@@ -16,14 +16,14 @@ from flwr.app import Context
 from safetensors.torch import load_file
 
 from flowertune_llm import server_app
-from flowertune_llm.adapters import adapter_state, to_array_record
-from flowertune_llm.config import parse_config
-from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.results import RunRecorder
-from flowertune_llm.resume import ResumeError, find_resume_point
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.server.results import RunRecorder
+from flowertune_llm.server.resume import ResumeError, find_resume_point
 
 from conftest import REPO_ROOT, default_run_config
-from flowertune_llm.simulation import simulate
+from flowertune_llm.tools.simulation import simulate
 
 ROUNDS = 3
 # Resumed and uninterrupted runs compute the same thing, usually bit for bit. But CPU bf16 kernels
@@ -51,7 +51,7 @@ def _kill_after_first_round(run_config: dict, folder: Path, tmp_path: Path) -> N
     config_file.write_text(json.dumps(run_config))
     with open(tmp_path / f"{folder.name}.log", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flowertune_llm.simulation", str(config_file)],
+            [sys.executable, "-m", "flowertune_llm.tools.simulation", str(config_file)],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:

@@ -5,21 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from flowertune_llm.adapters import (
+from flowertune_llm.shared.flower_compat import act_as_server_app
+from flowertune_llm.shared.adapters import (
     adapter_state,
     apply_update,
     from_array_record,
     load_adapter_state,
-    record_bytes,
     send_update_mod,
     to_array_record,
     transfer_dtype_of,
     update_record,
 )
-from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.training import cosine_learning_rate, round_seed
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.client.training import cosine_learning_rate, round_seed
 
 
 def test_cosine_schedule_starts_at_max_and_ends_at_min():
@@ -86,8 +85,9 @@ def test_transfer_precision_sets_wire_dtype_and_size(config, dtype, wire, bytes_
     record = to_array_record(state, dtype)
     values = sum(t.numel() for t in state.values())
     assert {array.dtype for array in record.values()} == {wire}
-    # Payload = values x width, plus numpy's small per-array header.
-    assert values * bytes_per_value <= record_bytes(record) <= values * bytes_per_value + 160 * len(state)
+    # Payload = values x width, plus per array numpy's small header and the key's name.
+    names = sum(len(name) for name in state)
+    assert values * bytes_per_value + names <= record.count_bytes() <= values * bytes_per_value + names + 160 * len(state)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -112,8 +112,7 @@ def test_an_update_on_the_wire_gives_back_the_trained_adapter(config, dtype):
 
 
 def test_send_update_mod_gives_the_handler_float32_and_sends_the_update(config, monkeypatch):
-    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # Messages outside a run
-        monkeypatch.setattr(TaskIdentity, attribute, value)
+    act_as_server_app(monkeypatch.setattr)  # Messages outside a run
     received_f32 = adapter_state(build_adapter_skeleton(config.model, seed=0))
     message = Message(RecordDict({"arrays": to_array_record(received_f32, "bfloat16")}), dst_node_id=1,
                       message_type="train")

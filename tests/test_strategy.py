@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from flowertune_llm.adapters import from_array_record, to_array_record
-from flowertune_llm.strategy import LEARNING_RATE_KEY, RUN_ROUND_KEY, LoraFedAvg
+from flowertune_llm.shared.adapters import from_array_record, to_array_record
+from flowertune_llm.server.strategy import lora_strategy
+from flowertune_llm.shared.flower_compat import act_as_server_app
+from flowertune_llm.shared.protocol import LEARNING_RATE, RUN_ROUND
 
+LoraFedAvg = lora_strategy("fedavg")
 GLOBAL = OrderedDict({"x.lora_A.weight": torch.tensor([[0.5, 0.5]]), "x.lora_B.weight": torch.tensor([[0.0]])})
 A = OrderedDict({"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[4.0]])})
 B = OrderedDict({"x.lora_A.weight": torch.tensor([[3.0, -2.0]]), "x.lora_B.weight": torch.tensor([[0.0]])})
@@ -22,8 +24,7 @@ B = OrderedDict({"x.lora_A.weight": torch.tensor([[3.0, -2.0]]), "x.lora_B.weigh
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     """Give this process the identity a ServerApp has, so Messages can be built outside a run."""
-    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
+    act_as_server_app(monkeypatch.setattr)
 
 
 class Grid:
@@ -75,7 +76,7 @@ def test_train_config_carries_the_run_round_and_its_learning_rate():
     messages = list(strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), Grid(2)))
     assert len(messages) == 2
     sent = messages[0].content["config"]
-    assert sent[LEARNING_RATE_KEY] == pytest.approx(0.25) and sent[RUN_ROUND_KEY] == 4
+    assert sent[LEARNING_RATE] == pytest.approx(0.25) and sent[RUN_ROUND] == 4
     assert math.isclose(strategy.round_stats[4]["learning_rate"], 0.25)
 
 
@@ -93,8 +94,8 @@ def test_bfloat16_transfer_halves_bytes_and_averages_real_values():
     averaged = arrays.to_torch_state_dict()
     assert averaged["x.lora_A.weight"].dtype == torch.float32
     assert torch.equal(averaged["x.lora_A.weight"], torch.tensor([[1.5, 1.0]]))
-    # Payloads shrink to half; numpy's per-array header is the same size in both.
-    header = 128 * len(GLOBAL) * 2
+    # Payloads shrink to half; per array, numpy's header and the key's name are the same in both.
+    header = sum(128 + len(name) for name in GLOBAL) * 2
     for direction in ("bytes_down", "bytes_up"):
         assert compact.round_stats[1][direction] - header < plain.round_stats[1][direction] - header
         assert (plain.round_stats[1][direction] - header) == 2 * (compact.round_stats[1][direction] - header)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_llm.adapters import adapter_state, to_array_record
-from flowertune_llm.config import parse_config
-from flowertune_llm.model import build_adapter_skeleton
-from flowertune_llm.results import RunRecorder
-from flowertune_llm.tracking import WANDB_RUN, numeric_fields
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.server.results import RunRecorder
+from flowertune_llm.server.tracking import WANDB_RUN, numeric_fields
 
 from conftest import REPO_ROOT, default_run_config
-from flowertune_llm.simulation import simulate
+from flowertune_llm.tools.simulation import simulate
 
 # The tracking extra (also in the test extra): without it these tests are skipped, not broken.
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
@@ -199,8 +199,8 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, wandb_offline):
 def test_a_run_without_trackers_imports_neither_package():
     code = (
         "import sys; from flwr.common.config import get_fused_config_from_dir; "
-        "from flowertune_llm.config import parse_config; from flowertune_llm.results import RunRecorder; "
-        "from flowertune_llm.tracking import check_trackers, open_trackers; "
+        "from flowertune_llm.shared.settings import parse_config; from flowertune_llm.server.results import RunRecorder; "
+        "from flowertune_llm.server.tracking import check_trackers, open_trackers; "
         f"config = parse_config(get_fused_config_from_dir({str(REPO_ROOT)!r}, {{}})); "
         "check_trackers(config.results); assert open_trackers(None, config) == []; "
         "print(sorted(m for m in ('tensorboard', 'wandb', 'torch.utils.tensorboard') if m in sys.modules))"

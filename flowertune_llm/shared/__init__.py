@@ -1,0 +1,1 @@
+"""What both sides share: settings, the wire protocol, adapters and their card, devices."""

@@ -1,0 +1,1 @@
+"""What users run outside a run: the flowertune command, deployment, credentials, reports, chat, export, plot."""

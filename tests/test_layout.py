@@ -1,0 +1,124 @@
+"""The package's layout holds: no import circles, no import up a layer, a ClientApp free of the server side.
+
+Layers, from the bottom: shared (settings, wire protocol, adapters) < builtin (offline defaults) <
+client < server (it may evaluate and check data as a client does) < the two apps < tools.
+docs/architecture.md draws the same picture.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from flowertune_llm.shared import protocol
+
+from conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "flowertune_llm"
+LAYERS = {"shared": 0, "builtin": 1, "client": 2, "server": 3, "client_app": 4, "server_app": 4, "tools": 5}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: Path) -> set[str]:
+    """Return the package's modules that `path` imports anywhere (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
+    return {name for name in found if name in MODULES}
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_the_import_graph_has_no_circles():
+    visiting, done, circles = [], set(), []
+
+    def visit(module: str) -> None:
+        visiting.append(module)
+        for imported in sorted(GRAPH[module]):
+            if imported in visiting:
+                circles.append(visiting[visiting.index(imported):] + [imported])
+            elif imported not in done:
+                visit(imported)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(GRAPH):
+        if module not in done:
+            visit(module)
+    assert circles == []
+
+
+def test_no_module_imports_from_a_higher_layer():
+    assert all(_layer(module) is not None for module in GRAPH if module != "flowertune_llm"), (
+        "a module outside the layers: " + ", ".join(m for m in GRAPH if m != "flowertune_llm" and _layer(m) is None))
+    upward = [(module, imported) for module, imports in GRAPH.items() for imported in imports
+              if module != "flowertune_llm" and _layer(imported) is not None and _layer(imported) > _layer(module)]
+    assert upward == []
+
+
+def test_the_client_app_reaches_nothing_of_the_server_side():
+    reached, queue = set(), ["flowertune_llm.client_app"]
+    while queue:
+        module = queue.pop()
+        if module not in reached:
+            reached.add(module)
+            queue.extend(GRAPH[module])
+    server_side = sorted(m for m in reached if m.startswith(("flowertune_llm.server", "flowertune_llm.tools")))
+    assert server_side == []
+    # And at run time: what importing the ClientApp really loads.
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, flowertune_llm.client_app; "
+        "print(sorted(m for m in sys.modules if m.startswith(('flowertune_llm.server', 'flowertune_llm.tools'))))")],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    assert loaded.stdout.strip() == "[]"
+
+
+WIRE_NAMES = {value for name, value in vars(protocol).items() if name.isupper() and isinstance(value, str)}
+
+
+def _spelled_wire_names(path: Path) -> list[str]:
+    """Return wire names written as literals where messages are read or built (`x.content["arrays"]`, `RecordDict({...})`)."""
+    spelled = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute)
+                and node.value.attr in ("content", "metric_records", "array_records", "config_records")
+                and isinstance(node.slice, ast.Constant)):
+            spelled.append(f"{path.name}:{node.lineno} {node.slice.value!r}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("RecordDict", "MetricRecord", "ConfigRecord") and node.args
+                and isinstance(node.args[0], ast.Dict)):
+            spelled += [f"{path.name}:{node.lineno} {key.value!r}" for key in node.args[0].keys
+                        if isinstance(key, ast.Constant) and key.value in WIRE_NAMES]
+    return spelled
+
+
+def test_wire_names_are_spelled_only_in_the_protocol_module():
+    spelled = [place for module, path in sorted(MODULES.items()) if module != "flowertune_llm.shared.protocol"
+               for place in _spelled_wire_names(path)]
+    assert spelled == []
+
+
+def test_the_wire_check_sees_a_spelled_name(tmp_path):
+    spelled = tmp_path / "spelled.py"
+    spelled.write_text('reply = msg.content["arrays"]\nout = RecordDict({"metrics": m})\n')
+    assert _spelled_wire_names(spelled) == ["spelled.py:1 'arrays'", "spelled.py:2 'metrics'"]
