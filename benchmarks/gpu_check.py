@@ -37,8 +37,8 @@ def report(step: str, **figures: Any) -> None:
 
 def _model_folder(context: dict[str, Any], name: str) -> str:
     """Return the checkpoint a step trains: the random-weight `name` on a GPU, the tiny model in a dry run."""
-    from flowertune_llm.tools.memory_report import ensure_random_checkpoint
     from flowertune_llm.client.model import resolve_model_path
+    from flowertune_llm.tools.memory_report import ensure_random_checkpoint
 
     if context["dry_run"]:
         return resolve_model_path("builtin:tiny-llama")

@@ -33,11 +33,11 @@ from datasets import Dataset
 from flwr.common.config import get_fused_config_from_dir
 from transformers import TrainerCallback
 
-from flowertune_llm.client import training
 from flowertune_llm.builtin.world import generate_examples
-from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client import training
 from flowertune_llm.client.model import build_peft_model, load_tokenizer
 from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.shared.settings import parse_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"

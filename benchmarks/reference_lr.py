@@ -21,9 +21,9 @@ import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from safetensors.torch import load_file
 
+from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.shared.adapters import adapter_state
 from flowertune_llm.shared.settings import parse_config
-from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.tools.simulation import simulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -19,18 +19,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm.shared.adapters import adapter_state, to_array_record
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import check_dataset_source
-from flowertune_llm.shared.devices import check_round_device
 from flowertune_llm.client.model import build_adapter_skeleton, load_model_config, load_tokenizer
 from flowertune_llm.client.preflight import check_training_data
+from flowertune_llm.client.training import cosine_learning_rate
+from flowertune_llm.server.evaluator import ServerEvaluator
 from flowertune_llm.server.results import RunRecorder, run_folder
 from flowertune_llm.server.resume import find_resume_point
-from flowertune_llm.server.evaluator import ServerEvaluator
 from flowertune_llm.server.strategy import build_strategy
 from flowertune_llm.server.tracking import check_trackers
-from flowertune_llm.client.training import cosine_learning_rate
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared.devices import check_round_device
+from flowertune_llm.shared.settings import parse_config
 
 app = ServerApp()
 

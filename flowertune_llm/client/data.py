@@ -25,8 +25,8 @@ from flwr_datasets.partitioner import (
 )
 
 from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
-from flowertune_llm.shared.settings import DatasetSettings
 from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.shared.settings import DatasetSettings
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
 BUILTIN_HELDOUT_NAME = "builtin:tiny-instructions-heldout"

@@ -16,8 +16,8 @@ import gc
 import torch
 from peft import PeftModel
 
-from flowertune_llm.shared.settings import ModelSettings
 from flowertune_llm.client.model import build_peft_model
+from flowertune_llm.shared.settings import ModelSettings
 
 _kept: tuple[str, PeftModel] | None = None
 

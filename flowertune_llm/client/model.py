@@ -23,10 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flowertune_llm.shared.settings import ModelSettings
-from flowertune_llm.client.quantized_cache import cache_entry, save_entry
 from flowertune_llm.builtin.models import ensure_builtin_model
+from flowertune_llm.client.quantized_cache import cache_entry, save_entry
 from flowertune_llm.shared.registry import BUILTIN_MODEL_NAME, BUILTIN_MODELS
+from flowertune_llm.shared.settings import ModelSettings
 
 # bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs.
 COMPUTE_DTYPE = torch.bfloat16

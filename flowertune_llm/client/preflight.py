@@ -14,8 +14,8 @@ from datasets import Dataset, load_dataset
 from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
-from flowertune_llm.shared.settings import DATA_PATH_KEY, AppConfig, NodeSettings
 from flowertune_llm.client.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
+from flowertune_llm.shared.settings import DATA_PATH_KEY, AppConfig, NodeSettings
 
 TEXT_FORMATS = ("json", "csv")
 

@@ -27,8 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from flowertune_llm.shared.settings import TrainSettings
 from flowertune_llm.client.per_example_attention import per_example_sdpa
+from flowertune_llm.shared.settings import TrainSettings
 
 
 def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:

@@ -24,15 +24,15 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from flowertune_llm.shared.adapters import from_array_record, load_adapter_state
-from flowertune_llm.shared.settings import AppConfig, ModelSettings, parse_config, to_run_config
 from flowertune_llm.client.data import ColumnMapping, DatasetSourceError, dataset_source, to_prompt_completion
-from flowertune_llm.shared.devices import DeviceError, one_gpu_environment, visible_gpus
 from flowertune_llm.client.exact_match import exact_match
-from flowertune_llm.shared.answer_counts import record_fields
 from flowertune_llm.client.model import load_inference_base, load_tokenizer, wrap_with_lora
 from flowertune_llm.client.preflight import read_local_records
 from flowertune_llm.client.training import evaluate_loss
+from flowertune_llm.shared.adapters import from_array_record, load_adapter_state
+from flowertune_llm.shared.answer_counts import record_fields
+from flowertune_llm.shared.devices import DeviceError, one_gpu_environment, visible_gpus
+from flowertune_llm.shared.settings import AppConfig, ModelSettings, parse_config, to_run_config
 
 RESULT_PREFIX = "SERVER-EVAL-RESULT "
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds flowertune_llm/
@@ -41,7 +41,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds flow
 KEY = "evaluate.server-dataset"
 
 
-def load_heldout_data(name: str, columns: ColumnMapping = ColumnMapping()) -> Dataset:
+def load_heldout_data(name: str, columns: ColumnMapping | None = None) -> Dataset:
     """Return the server's held-out prompt/completion data: a local file or folder, or a hub `test` split.
 
     Its columns are read with the training data's mapping (`dataset.*-column`).
@@ -53,7 +53,7 @@ def load_heldout_data(name: str, columns: ColumnMapping = ColumnMapping()) -> Da
             records = load_dataset(dataset, split="train" if Path(dataset).is_dir() else "test")
         except Exception as error:  # offline, no `test` split, unreadable folder
             raise DatasetSourceError(f"{KEY}: cannot load '{name}': {type(error).__name__}: {error}") from None
-    return to_prompt_completion(records, columns)
+    return to_prompt_completion(records, columns or ColumnMapping())
 
 
 def evaluation_gpu(device: str, gpus: list[str]) -> str:

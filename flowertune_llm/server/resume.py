@@ -19,9 +19,9 @@ from flwr.common.config import flatten_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flowertune_llm.server.results import CHECKPOINT, METRICS, RUN_CONFIG
 from flowertune_llm.shared.adapters import to_array_record
 from flowertune_llm.shared.settings import AppConfig, to_run_config
-from flowertune_llm.server.results import CHECKPOINT, METRICS, RUN_CONFIG
 
 # Keys that may differ between the interrupted run and its continuation. num-server-rounds may
 # grow (`flowertune resume RUN --num-server-rounds N` trains on): the rounds already done keep their

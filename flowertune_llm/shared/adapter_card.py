@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowertune_llm.shared.settings import ModelSettings
 from flowertune_llm.shared.prompts import ALPACA_WITH_INPUT, ALPACA_WITHOUT_INPUT
+from flowertune_llm.shared.settings import ModelSettings
 
 CARD_FILE = "flowertune-adapter.json"
 

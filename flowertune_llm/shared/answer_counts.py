@@ -65,7 +65,9 @@ def is_per_task_key(key: str) -> bool:
 def from_metrics(metrics: Mapping[str, object]) -> ExactMatchCounts:
     """Return the counts a reply's metrics carry (empty counts when it carries none)."""
     per_task = {
-        key.split(PER_TASK_SEPARATOR, 1)[1]: (int(metrics[key]), int(metrics[key.replace(EXACT_MATCH_CORRECT, EXACT_MATCH_TOTAL, 1)]))
+        key.split(PER_TASK_SEPARATOR, 1)[1]: (
+            int(metrics[key]), int(metrics[key.replace(EXACT_MATCH_CORRECT, EXACT_MATCH_TOTAL, 1)])
+        )
         for key in metrics if key.startswith(EXACT_MATCH_CORRECT + PER_TASK_SEPARATOR)
     }
     return ExactMatchCounts(int(metrics.get(EXACT_MATCH_CORRECT, 0)), int(metrics.get(EXACT_MATCH_TOTAL, 0)), per_task)

@@ -18,8 +18,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from flowertune_llm.shared.adapter_card import AdapterCard, AdapterError, base_model_of, read_card
 from flowertune_llm.client.model import load_inference_base, resolve_model_path
+from flowertune_llm.shared.adapter_card import AdapterCard, AdapterError, base_model_of, read_card
 from flowertune_llm.shared.prompts import ALPACA_WITH_INPUT, ALPACA_WITHOUT_INPUT
 
 PROMPT_FORMATS = ("auto", "chat-template", "trained")

@@ -68,7 +68,7 @@ def _certificate(
     subject: str, public_key: ec.EllipticCurvePublicKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
     *, is_ca: bool, hosts: Iterable[str] = (),
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -128,7 +128,8 @@ def make_supernode_key(folder: Path, name: str) -> SuperNodeKey:
 
 def main(argv: list[str] | None = None) -> None:
     """Write a CA, a SuperLink certificate and SuperNode key pairs into a folder."""
-    parser = argparse.ArgumentParser(prog="flowertune credentials", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="flowertune credentials", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="folder to write certificates/ and supernode-keys/ into")
     parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode key pairs (default 2)")
     parser.add_argument("--host", action="append", default=[],

@@ -21,8 +21,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from flowertune_llm.shared.adapter_card import CARD_FILE, AdapterError, base_model_of, read_card
 from flowertune_llm.client.model import load_inference_base, resolve_model_path
+from flowertune_llm.shared.adapter_card import CARD_FILE, AdapterError, base_model_of, read_card
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

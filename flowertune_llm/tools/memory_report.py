@@ -200,9 +200,9 @@ def random_training_data(vocab_size: int, seq_length: int, examples: int, seed: 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one client's training for `spec`, train `steps` steps, return its memory (this process)."""
-    from flowertune_llm.shared.settings import parse_config
     from flowertune_llm.client.model import build_peft_model, load_tokenizer
     from flowertune_llm.client.training import train_adapter
+    from flowertune_llm.shared.settings import parse_config
 
     on_gpu = torch.cuda.is_available()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",

@@ -5,8 +5,9 @@
 
 Each run has one colour; its train loss is solid, eval dashed, server eval dotted, with a marker
 per round on integer round ticks. Lines are labelled by setting (model and bits, from the run's
-run-config.toml), plus the run's name where two runs share a setting, unless `--label` names them. `train` is the clients' mean local SFT loss of each round; `eval` the global adapter's
-loss on the clients' held-out shares (client federated evaluation); `server-eval` its loss on the
+run-config.toml), plus the run's name where two runs share a setting, unless `--label` names them.
+`train` is the clients' mean local SFT loss of each round; `eval` the global adapter's loss on the
+clients' held-out shares (client federated evaluation); `server-eval` its loss on the
 server's held-out set. `--smooth k` draws the trailing mean of the last k rounds (the rounds before
 the k-th average what there is); the default, 1, draws the raw per-round values. The plot says which.
 Needs matplotlib (`pip install -e ".[plot]"`).

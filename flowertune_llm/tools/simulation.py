@@ -18,9 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from flowertune_llm import client_app
-
-from flowertune_llm import server_app
+from flowertune_llm import client_app, server_app
 
 ClientHandler = Callable[[Message, Context], Message]
 

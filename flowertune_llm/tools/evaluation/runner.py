@@ -17,12 +17,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from flowertune_llm.client.model import ModelSourceError, load_inference_base, resolve_model_path
+from flowertune_llm.server.results import FINAL_ADAPTER
 from flowertune_llm.shared.adapter_card import AdapterError, base_model_of, read_card
 from flowertune_llm.tools.evaluation import generation, lm_eval_bridge, report, sandbox, scoring, sources
 from flowertune_llm.tools.evaluation.prompts import Example, RowError
 from flowertune_llm.tools.evaluation.suites import SOURCES, SUITES, Benchmark, Suite, sources_of
-from flowertune_llm.client.model import ModelSourceError, load_inference_base, resolve_model_path
-from flowertune_llm.server.results import FINAL_ADAPTER
 
 PROTOCOL = "FlowerTune LLM leaderboard (flwrlabs/flower benchmarks/flowertune-llm/evaluation), reproduced"
 # The reference loads the base with torch_dtype=float32 for 4-bit and for the code harness (fp32).
@@ -272,6 +272,7 @@ def evaluate(request: Request, say: Callable[[str], None] = print) -> Path:
         entries["lm-eval"] = _lm_eval_entry(checked, model, tokenizer, request)
         say("\nlm-evaluation-harness")
         say(report.render_table(report.lm_eval_rows(entries["lm-eval"]), request.compare_base))
-    path = report.write_results(checked.adapter, {"adapter": str(checked.adapter.resolve()), "base-model": checked.base_model}, entries)
+    identity = {"adapter": str(checked.adapter.resolve()), "base-model": checked.base_model}
+    path = report.write_results(checked.adapter, identity, entries)
     say(f"\nFigures written to {path}")
     return path
