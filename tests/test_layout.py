@@ -122,3 +122,21 @@ def test_the_wire_check_sees_a_spelled_name(tmp_path):
     spelled = tmp_path / "spelled.py"
     spelled.write_text('reply = msg.content["arrays"]\nout = RecordDict({"metrics": m})\n')
     assert _spelled_wire_names(spelled) == ["spelled.py:1 'arrays'", "spelled.py:2 'metrics'"]
+
+
+# Flower's public API; anything else of flwr is private and goes through shared/flower_compat.py.
+FLOWER_PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation", "flwr.common.config",
+                 "flwr.common.logger", "flwr_datasets")
+
+
+def test_only_the_compat_module_imports_flowers_internals():
+    private = []
+    for module, path in sorted(MODULES.items()):
+        if module == "flowertune_llm.shared.flower_compat":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            private += [f"{module}: {name}" for name in names
+                        if name.split(".")[0] == "flwr" and not name.startswith(FLOWER_PUBLIC)]
+    assert private == []
