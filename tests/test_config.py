@@ -48,7 +48,7 @@ def test_padding_free_and_packing_are_off_by_default_and_parse_as_booleans(confi
 
 def test_integer_accepted_for_float_key():
     config = parse_config(default_run_config(**{"train.learning-rate-max": 1}))
-    assert config.train.learning_rate_max == 1.0
+    assert config.train.learning_rate_max == 1.0 and isinstance(config.train.learning_rate_max, float)
 
 
 BAD_VALUES = [
