@@ -25,7 +25,9 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from flwr.app import ArrayRecord
+from flwr.common.config import flatten_dict
 from flwr.common.logger import log
 from peft import PeftModel
 from safetensors.torch import save_file
@@ -67,18 +69,13 @@ def run_folder(settings: ResultsSettings, config: AppConfig) -> Path:
     return folder
 
 
-def to_toml(flat: dict[str, Any]) -> str:
-    """Render a flat mapping of scalars as TOML (dotted keys), the format `--run-config` reads."""
-    lines = []
-    for key, value in flat.items():
-        if isinstance(value, bool):
-            rendered = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            rendered = repr(value)
-        else:
-            rendered = json.dumps(str(value))
-        lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
+def to_toml(config: dict[str, Any]) -> str:
+    """Render a run config (flat or nested) as TOML with dotted keys, the format `--run-config` reads."""
+    # One `group.key = value` line per setting, as in pyproject.toml's [tool.flwr.app.config], so a
+    # saved run config greps and diffs against it. tomli_w writes tables, never dotted keys, so it
+    # renders each value on its own; flatten_dict rejects a value that is no run-config scalar.
+    return "".join(f"{key} = {tomli_w.dumps({'value': value}).removeprefix('value = ')}"
+                   for key, value in flatten_dict(config).items())
 
 
 def save_checkpoint(folder: Path, arrays: ArrayRecord, server_round: int) -> None:
