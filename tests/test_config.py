@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, parse_config_args, unflatten_dict
 
 from flowertune_llm.shared.settings import CONFIG_KEYS, ConfigError, parse_config, to_run_config
 from flowertune_llm.server.results import to_toml
@@ -33,6 +33,22 @@ def test_run_config_round_trips_through_saved_toml(config):
     assert parse_config(flatten_dict(tomllib.loads(to_toml(flat)))) == config
 
 
+def test_saved_toml_keeps_quotes_backslashes_and_small_floats_and_flwr_reads_it(config, tmp_path):
+    flat = {**to_run_config(config), "results.dir": 'C:\\runs\\"quoted" dir', "dataset.instruction-column": "tab\there ü",
+            "train.learning-rate-max": 1e-05, "train.learning-rate-min": 5e-7}
+    text = to_toml(flat)
+    # One dotted `key = value` line per setting, as pyproject.toml's [tool.flwr.app.config] has them.
+    assert text.splitlines()[1:3] == ['model.name = "builtin:tiny-llama"', "model.quantization = 4"]
+    assert "train.learning-rate-max = 1e-05\n" in text
+    assert len(text.splitlines()) == len(flat)
+    assert flatten_dict(tomllib.loads(text)) == flat
+    assert to_toml(unflatten_dict(flat)) == text
+    saved = tmp_path / "run-config.toml"
+    saved.write_text(text, encoding="utf-8")
+    assert parse_config_args([str(saved)]) == flat  # what `flwr run --run-config FILE` reads
+    assert to_run_config(parse_config(flat)) == flat
+
+
 def test_target_modules_list():
     config = parse_config(default_run_config(**{"model.lora.target-modules": "q_proj, v_proj"}))
     assert config.model.lora.target_module_list == ["q_proj", "v_proj"]
@@ -48,7 +64,7 @@ def test_padding_free_and_packing_are_off_by_default_and_parse_as_booleans(confi
 
 def test_integer_accepted_for_float_key():
     config = parse_config(default_run_config(**{"train.learning-rate-max": 1}))
-    assert config.train.learning_rate_max == 1.0
+    assert config.train.learning_rate_max == 1.0 and isinstance(config.train.learning_rate_max, float)
 
 
 BAD_VALUES = [

@@ -20,8 +20,9 @@ from flowertune_llm.tools.export import default_output
 from flowertune_llm.tools.launcher import (DISABLE_INSTALL, RunOutcome, RunRequest, effective_run_config, flwr_environment,
                                    flwr_run_command, follow)
 from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared import atomic
 from flowertune_llm.client.model import build_adapter_skeleton
-from flowertune_llm.server.results import RunRecorder, save_checkpoint, to_toml, write_atomically
+from flowertune_llm.server.results import RunRecorder, save_checkpoint, to_toml
 from flowertune_llm.server.resume import continuation_config
 from flowertune_llm.server.run_summary import summary
 
@@ -162,7 +163,7 @@ def _mode(path: Path) -> int:
 
 
 def test_atomic_writes_follow_the_umask(tmp_path, umask):
-    write_atomically(tmp_path / "notes.json", "{}\n")
+    atomic.write_text(tmp_path / "notes.json", "{}\n")
     save_checkpoint(tmp_path, ArrayRecord({"w": torch.zeros(2)}), 1)
     assert _mode(tmp_path / "notes.json") == 0o666 & ~umask
     assert _mode(tmp_path / "checkpoint.safetensors") == 0o666 & ~umask

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,6 +81,53 @@ def test_stop_leaves_a_reused_pid_alone(tmp_path):
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def _start_with_a_child(child_code: str, then: str) -> tuple[subprocess.Popen, int]:
+    """Start a Python process (its own session) that starts a child, waits until it is ready, then runs `then`."""
+    program = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], stdout=subprocess.PIPE, text=True)\n"
+        "child.stdout.readline()\n"
+        "print(child.pid, flush=True)\n"
+        f"{then}\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    return parent, int(parent.stdout.readline())
+
+
+def _end(parent: subprocess.Popen, child: int) -> None:
+    for pid in (parent.pid, child):
+        if is_running(pid):
+            psutil.Process(pid).kill()
+    parent.wait()
+
+
+def test_stop_ends_the_process_and_a_child_that_ignores_sigterm():
+    # The child ignores SIGTERM: only the kill after the grace period ends it.
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(600)")
+    parent, child = _start_with_a_child(stubborn, "time.sleep(600)")
+    try:
+        assert process_tree(parent.pid, "subprocess.Popen") == [parent.pid, child]
+        stop_process_tree(StartedProcess("node", parent.pid, "", "subprocess.Popen"), grace_s=0.5)
+        assert not is_running(parent.pid) and not is_running(child)
+    finally:
+        _end(parent, child)
+
+
+def test_stop_ends_a_flower_process_its_exited_leader_left_in_the_group():
+    # As a killed SuperNode leaves its flwr-clientapp: reparented, but still in the started group.
+    orphan = "import time; print('ready', flush=True); time.sleep(600)  # flwr-clientapp"
+    parent, child = _start_with_a_child(orphan, "")
+    try:
+        parent.wait()
+        assert is_running(child) and child not in psutil.Process().children(recursive=True)
+        stop_process_tree(StartedProcess("supernode-0", parent.pid, "", "flower-supernode"), grace_s=5)
+        assert not is_running(child)
+    finally:
+        _end(parent, child)
 
 
 def test_a_supernode_gets_the_quantized_cache_in_its_node_config(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from flowertune_llm.client import model as model_module
 from flowertune_llm.client.model import load_quantized_base, resolve_model_path
-from flowertune_llm.client.quantized_cache import cache_entry
+from flowertune_llm.client.quantized_cache import cache_entry, save_entry
 
 
 @pytest.fixture
@@ -56,3 +56,33 @@ def test_no_cache_when_off_or_unquantized(settings):
     assert cache_entry(dataclasses.replace(settings, quantized_cache_dir=""), settings.name) is None
     assert cache_entry(dataclasses.replace(settings, quantization=16), settings.name) is None
     assert cache_entry(settings, "some-org/not-downloaded-model") is None
+
+
+class _SavesOneFile:
+    """Stands in for a quantized model: save_pretrained writes one marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
+        (Path(folder) / "config.json").write_text(self.marker)
+
+
+def test_an_entry_another_client_saved_first_is_kept(tmp_path):
+    entry = tmp_path / "cache" / "tiny-4bit-0123"
+    save_entry(_SavesOneFile("theirs"), entry)
+    save_entry(_SavesOneFile("ours"), entry)  # the rename fails onto their full folder: no error
+    assert (entry / "config.json").read_text() == "theirs"
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+
+
+def test_a_failed_save_leaves_no_entry_and_no_staging(tmp_path):
+    class Fails(_SavesOneFile):
+        def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
+            super().save_pretrained(folder)
+            raise OSError("disk full")
+
+    entry = tmp_path / "cache" / "tiny-4bit-0123"
+    with pytest.raises(OSError, match="disk full"):
+        save_entry(Fails("half"), entry)
+    assert list(entry.parent.iterdir()) == []

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from transformers import (
 )
 
 from flowertune_llm.builtin.world import generate_examples, generate_heldout, pretraining_notes
+from flowertune_llm.shared import atomic
 from flowertune_llm.shared.prompts import alpaca_prompt
 from flowertune_llm.shared.registry import BUILTIN_MODELS
 
@@ -206,12 +205,8 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         if (target / "config.json").is_file():
             return target
         # Build aside and rename: a reader never sees a half-written checkpoint.
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic.staged_folder(target) as staging:
             build(staging)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from flowertune_llm.shared import atomic
 from flowertune_llm.shared.settings import ModelSettings
 
 
@@ -56,12 +54,9 @@ def cache_entry(settings: ModelSettings, source: str) -> Path | None:
 def save_entry(model: PreTrainedModel, entry: Path) -> None:
     """Save a freshly quantized model as a cache entry, atomically (a staging folder renamed)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, entry)
+        with atomic.staged_folder(entry) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
     except OSError:
         if not entry.is_dir():  # another client finished the same entry first: keep theirs
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -20,20 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from flwr.app import ArrayRecord
+from flwr.common.config import flatten_dict
 from flwr.common.logger import log
 from peft import PeftModel
 from safetensors.torch import save_file
 
 from flowertune_llm.shared.adapter_card import card_for, write_card
 from flowertune_llm.shared.adapters import from_array_record, load_adapter_state
+from flowertune_llm.shared import atomic
 from flowertune_llm.shared.settings import AppConfig, ResultsSettings, to_run_config
 from flowertune_llm.shared.devices import expected_gpu_note, round_device
 from flowertune_llm.server.tracking import open_trackers
@@ -68,68 +69,20 @@ def run_folder(settings: ResultsSettings, config: AppConfig) -> Path:
     return folder
 
 
-def current_umask() -> int:
-    """Return the process's umask (reading it means setting it: it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def give_normal_mode(path: str | Path, folder: bool = False) -> None:
-    """Give a temporary file (mkstemp: 0600) or folder (mkdtemp: 0700) the mode the user's umask gives."""
-    # mkstemp/mkdtemp are private on purpose; once renamed into place, results are ordinary files
-    # that the user's other accounts, group or backup tools may read, as `open` would have made them.
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
-
-
-def give_normal_modes(folder: Path) -> None:
-    """Give a staged folder and everything in it the modes the user's umask gives."""
-    give_normal_mode(folder, folder=True)
-    for path in folder.rglob("*"):
-        give_normal_mode(path, folder=path.is_dir())
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write text to `path` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        give_normal_mode(temporary)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def to_toml(flat: dict[str, Any]) -> str:
-    """Render a flat mapping of scalars as TOML (dotted keys), the format `--run-config` reads."""
-    lines = []
-    for key, value in flat.items():
-        if isinstance(value, bool):
-            rendered = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            rendered = repr(value)
-        else:
-            rendered = json.dumps(str(value))
-        lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
+def to_toml(config: dict[str, Any]) -> str:
+    """Render a run config (flat or nested) as TOML with dotted keys, the format `--run-config` reads."""
+    # One `group.key = value` line per setting, as in pyproject.toml's [tool.flwr.app.config], so a
+    # saved run config greps and diffs against it. tomli_w writes tables, never dotted keys, so it
+    # renders each value on its own; flatten_dict rejects a value that is no run-config scalar.
+    return "".join(f"{key} = {tomli_w.dumps({'value': value}).removeprefix('value = ')}"
+                   for key, value in flatten_dict(config).items())
 
 
 def save_checkpoint(folder: Path, arrays: ArrayRecord, server_round: int) -> None:
     """Save the global adapter after `server_round` (float32, safetensors) through a rename."""
     state = {name: tensor.float().contiguous() for name, tensor in from_array_record(arrays).items()}
-    handle, temporary = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=folder)
-    os.close(handle)
-    try:
+    with atomic.staged_file(folder / CHECKPOINT) as temporary:
         save_file(state, temporary, metadata={"round": str(server_round)})
-        give_normal_mode(temporary)  # after save_file: safetensors writes its files 0600
-        os.replace(temporary, folder / CHECKPOINT)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class RunRecorder:
@@ -154,7 +107,7 @@ class RunRecorder:
             self.rounds: list[dict[str, Any]] = []
             self.resumed_after: list[int] = []
             folder.mkdir(parents=True)
-            write_atomically(folder / RUN_CONFIG, to_toml(to_run_config(config)))
+            atomic.write_text(folder / RUN_CONFIG, to_toml(to_run_config(config)))
         else:
             self.rounds = list(earlier_rounds)
             previous = json.loads((folder / METRICS).read_text(encoding="utf-8"))
@@ -231,16 +184,10 @@ class RunRecorder:
         """Save a global adapter with peft's `save_pretrained`, plus its base model and prompt format."""
         load_adapter_state(self.skeleton, from_array_record(arrays))
         target = self.folder / name
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.folder))
-        try:
+        with atomic.staged_folder(target, replace=True) as staging:
             self.skeleton.save_pretrained(staging, safe_serialization=True)
             write_card(staging, card_for(self.config.model))
-            give_normal_modes(staging)  # mkdtemp's folder is 0700, safetensors' files 0600
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            atomic.give_normal_modes(staging)  # mkdtemp's folder is 0700, safetensors' files 0600
         return target
 
     def finish(self, arrays: ArrayRecord) -> Path:
@@ -278,4 +225,4 @@ class RunRecorder:
         }
         if self.resumed_after:
             document["resumed-after-round"] = self.resumed_after
-        write_atomically(self.folder / METRICS, json.dumps(document, indent=2) + "\n")
+        atomic.write_text(self.folder / METRICS, json.dumps(document, indent=2) + "\n")

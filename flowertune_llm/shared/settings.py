@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.common.config import flatten_dict, unflatten_dict
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -459,14 +460,8 @@ def _check_optimizer(name: str) -> str | None:
 
 def _nested(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Turn flat kebab-case dotted keys into the schema's nested snake_case mapping."""
-    nested: dict[str, Any] = {}
-    for key, value in run_config.items():
-        *groups, leaf = [part.replace("-", "_") for part in key.split(".")]
-        node = nested
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[leaf] = float(value) if CONFIG_KEYS[key] is float else value
-    return nested
+    # Only the names change here: OmegaConf's structured merge turns TOML's `1` into a float field's 1.0.
+    return unflatten_dict({key.replace("-", "_"): value for key, value in run_config.items()})
 
 
 def parse_config(run_config: Mapping[str, Any]) -> AppConfig:
@@ -488,19 +483,7 @@ def parse_config(run_config: Mapping[str, Any]) -> AppConfig:
 
 def to_run_config(config: AppConfig) -> dict[str, Any]:
     """Return the flat kebab-case mapping of a config, as saved with a run's results."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for schema_field in dataclasses.fields(node):
-            value = getattr(node, schema_field.name)
-            key = prefix + _kebab(schema_field.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, key + ".")
-            else:
-                flat[key] = value
-
-    walk(config, "")
-    return flat
+    return {_kebab(key): value for key, value in flatten_dict(dataclasses.asdict(config)).items()}
 
 
 def _one_message(problems: list[str]) -> str:

@@ -24,10 +24,10 @@ The ServerApp runs under the SuperLink, whose working directory is where `up` wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +35,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import psutil
 
 from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE
 from flowertune_llm.shared.flower_compat import add_superlink_connection, flower_home, remove_superlink_connection
@@ -138,66 +140,75 @@ def start_process(command: list[str], log: Path, cwd: Path | None = None, gpu: s
     return process.pid
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """Return (state, parent PID, process group) of a live process, None if it is gone or a zombie."""
+def _alive(process: psutil.Process) -> bool:
+    """Return whether `process` is live: a zombie has exited and only waits for its parent to reap it."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
-    state, ppid, pgid = fields[0], int(fields[1]), int(fields[2])
-    return None if state in ("Z", "X") else (state, ppid, pgid)
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def is_running(pid: int) -> bool:
     """Return whether `pid` is a live (not zombie) process."""
-    return _proc_stat(pid) is not None
+    try:
+        return _alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _started_tree(pid: int, program: str) -> list[psutil.Process]:
+    """Return a started process, its live descendants and the Flower processes left in its group."""
+    tree: list[psutil.Process] = []
+    try:
+        leader = psutil.Process(pid)
+        if _alive(leader):
+            if program not in _command_line(leader):
+                return []
+            tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    # start_new_session made the started PID its group's ID; a killed SuperNode's ClientApp lives on
+    # in that group, reparented away from it, where children() no longer finds it.
+    for other in psutil.process_iter():
+        try:
+            in_group = os.getpgid(other.pid) == pid
+        except OSError:  # gone since it was listed
+            continue
+        if in_group and other not in tree and any(word in _command_line(other) for word in ("flwr", "flower")):
+            tree.append(other)
+    return [process for process in tree if _alive(process)]
 
 
 def process_tree(pid: int, program: str) -> list[int]:
-    """Return a started process, its live descendants and the rest of its process group.
+    """Return the PIDs of a started process, its live descendants and the rest of its process group.
 
     Nothing if `pid` now belongs to another program (the PID was reused after ours exited); only the
     Flower processes left in its group if it is gone (children of a killed SuperNode outlive it).
     """
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = stat
-    if pid in stats and program not in _command_line(pid):
-        return []
-    tree = [pid] if pid in stats else []
-    for parent in tree:  # grows while iterating: a breadth-first walk
-        tree.extend(child for child, (_, ppid, _) in stats.items() if ppid == parent and child not in tree)
-    tree.extend(other for other, (_, _, pgid) in stats.items()
-                if pgid == pid and other not in tree and ("flwr" in _command_line(other) or "flower" in _command_line(other)))
-    return tree
+    return [process.pid for process in _started_tree(pid, program)]
 
 
 def stop_process_tree(process: StartedProcess, grace_s: float = STOP_GRACE_S) -> None:
     """Stop a started process, its descendants and its group: SIGTERM, then SIGKILL after `grace_s`."""
-    tree = process_tree(process.pid, process.program)
+    tree = _started_tree(process.pid, process.program)
+    # psutil signals a Process only while its PID still names the process found above (creation
+    # time checked), so one that exited meanwhile and whose PID was reused is left alone.
     for target in tree:
-        try:
-            os.kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(is_running(target) for target in tree):
-        time.sleep(0.2)
-    for target in tree:
-        if is_running(target):
-            try:
-                os.kill(target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            target.terminate()
+    _, left = psutil.wait_procs(tree, timeout=grace_s)
+    for target in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            target.kill()
+    # SIGKILL cannot be caught or delayed by the process: waiting lets `down` return with it gone.
+    psutil.wait_procs(left, timeout=grace_s)
 
 
 def _wait_for_port(port: int, pid: int, log: Path, timeout_s: float) -> None:

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flowertune_llm.shared import atomic
 from flowertune_llm.tools.evaluation.lm_eval_bridge import primary_metric
-from flowertune_llm.server.results import write_atomically
 
 
 def results_path(adapter: Path) -> Path:
@@ -73,5 +73,5 @@ def write_results(adapter: Path, header: dict[str, Any], entries: dict[str, dict
             document = {}
     evaluations = {**document.get("evaluations", {}), **entries}
     document = {**header, "evaluations": evaluations}
-    write_atomically(path, json.dumps(document, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(document, indent=2) + "\n")
     return path
