@@ -63,6 +63,15 @@ def config() -> AppConfig:
 # --- A finished default run, shared by the tests of the commands that read run folders ----------
 
 
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that uses `finished_run` without a tier marker: it would put a simulation in the unit tier."""
+    untiered = [item.nodeid for item in items if "finished_run" in getattr(item, "fixturenames", ())
+                and not any(item.get_closest_marker(tier) for tier in ("integration", "slow"))]
+    if untiered:
+        raise pytest.UsageError("these tests use finished_run (a simulation) but are marked neither integration nor slow: "
+                                + ", ".join(untiered))
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
     """Return the folder of a 2-round default run (tiny model, 2 clients), run once per session."""

@@ -16,6 +16,9 @@ from flowertune_llm.shared.adapter_card import CARD_FILE, read_card
 from flowertune_llm.client.model import resolve_model_path
 from flowertune_llm.shared.prompts import alpaca_prompt
 
+# Every test here reads the adapter of the session's finished 2-round simulation (conftest).
+pytestmark = pytest.mark.integration
+
 
 def test_saved_adapter_records_its_base_and_prompt_format(finished_run):
     card = read_card(finished_run / "adapter-final")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flowertune_llm.builtin.world import generate_examples
 from flowertune_llm.tools.simulation import simulate
 
 from conftest import default_run_config
+
+# The whole default run, every round of it (73 s on 2 cores when it was written).
+pytestmark = pytest.mark.slow
 
 
 def test_the_default_run_answers_held_out_questions_right(tmp_path):

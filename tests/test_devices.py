@@ -143,6 +143,7 @@ def test_outside_ray_there_is_no_share(monkeypatch):
     assert devices.ray_gpu_share() is None
 
 
+@pytest.mark.integration  # starts a Ray cluster, as a simulation does
 def test_ray_gives_actors_the_gpu_share_they_asked_for():
     # A real Ray cluster declaring one GPU (none is needed for Ray's bookkeeping), in its own process.
     script = """
@@ -221,6 +222,7 @@ def test_simulated_clients_ask_ray_for_a_gpu_share_only_when_given_one():
     assert client_resources(0.5) == {"num_cpus": 1, "num_gpus": 0.5}
 
 
+@pytest.mark.integration  # the session's finished simulation (conftest)
 def test_each_round_of_a_cpu_run_records_its_device(finished_run):
     rounds = json.loads((finished_run / "metrics.json").read_text())["rounds"]
     assert [r["device"] for r in rounds] == ["cpu", "cpu"]

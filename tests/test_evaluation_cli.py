@@ -175,6 +175,7 @@ def _check_suite_results(run: Path, suite: str, counts: dict[str, int], out: str
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # run_copy: the session's finished simulation (conftest)
 def test_general_nlp_on_local_mmlu_with_base_comparison(run_copy, suite_data, capsys):
     status, out, _ = _evaluate([str(run_copy), "--suite", "general-nlp", "--compare-base",
                                 *_data_args(suite_data, "mmlu")], capsys)
@@ -185,6 +186,7 @@ def test_general_nlp_on_local_mmlu_with_base_comparison(run_copy, suite_data, ca
     assert entry["quantization"] == 4 and entry["metric"] == "accuracy"
 
 
+@pytest.mark.integration
 def test_finance_applies_the_reference_split_to_local_files(run_copy, suite_data, capsys):
     status, out, _ = _evaluate([str(run_copy), "--suite", "finance", *_data_args(suite_data, "fpb", "fiqa", "tfns")], capsys)
     assert status == 0
@@ -192,6 +194,7 @@ def test_finance_applies_the_reference_split_to_local_files(run_copy, suite_data
     _check_suite_results(run_copy, "finance", {"fpb": 2, "fiqa": 2, "tfns": 3}, out, False)
 
 
+@pytest.mark.integration
 def test_medical_with_a_limit_and_results_accumulate(run_copy, suite_data, capsys):
     names = ("pubmedqa", "medmcqa", "medqa", "careqa")
     assert _evaluate([str(run_copy), "--suite", "medical", *_data_args(suite_data, *names)], capsys)[0] == 0
@@ -202,6 +205,7 @@ def test_medical_with_a_limit_and_results_accumulate(run_copy, suite_data, capsy
     assert entry["limit"] == 1
 
 
+@pytest.mark.integration
 def test_code_runs_generated_programs_when_allowed(run_copy, suite_data, capsys):
     names = ("mbpp", "humaneval", "multiple-js", "multiple-cpp")
     if shutil.which("node") is None or shutil.which("g++") is None:
@@ -216,6 +220,7 @@ def test_code_runs_generated_programs_when_allowed(run_copy, suite_data, capsys)
     assert entry["max-length-generation"] == 160
 
 
+@pytest.mark.slow  # the installed `flowertune` command, in a subprocess
 def test_flowertune_console_script_is_installed():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["flowertune"] == "flowertune_llm.tools.cli:main"

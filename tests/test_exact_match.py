@@ -109,6 +109,7 @@ def memorised(tmp_path_factory):
     return model, tokenizer, four, before
 
 
+@pytest.mark.integration  # memorised: 60 steps of training
 def test_memorising_turns_the_wrong_answers_right(memorised):
     model, tokenizer, four, before = memorised
     assert (before.correct, before.total) == (0, 4)
@@ -118,6 +119,7 @@ def test_memorising_turns_the_wrong_answers_right(memorised):
     assert model.training  # evaluation leaves the model as it found it
 
 
+@pytest.mark.integration
 def test_batched_left_padded_answers_equal_one_at_a_time_and_stop_at_eos(memorised):
     model, tokenizer, four, _ = memorised
     batched = generate_answers(model, tokenizer, four["prompt"], max_new_tokens=24, batch_size=4)

@@ -25,6 +25,9 @@ from flowertune_llm.client.model import build_adapter_skeleton
 from conftest import default_run_config
 from flowertune_llm.tools.simulation import simulate
 
+# The one test here is a 6-client simulation.
+pytestmark = pytest.mark.integration
+
 NODES = 6
 
 
@@ -64,7 +67,6 @@ def _faulty_train(record_dir: Path):
     return train
 
 
-@pytest.mark.slow
 def test_faulty_clients_are_counted_and_left_out_of_the_average(tmp_path):
     record_dir = tmp_path / "good-replies"
     record_dir.mkdir()

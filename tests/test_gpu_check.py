@@ -6,7 +6,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import REPO_ROOT
+
+# Every step of the GPU check in subprocesses, a simulation among them.
+pytestmark = pytest.mark.slow
 
 
 def test_the_gpu_check_dry_run_goes_through_every_step(tmp_path):

@@ -20,6 +20,9 @@ from flowertune_llm.client.model import build_adapter_skeleton, resolve_model_pa
 from conftest import default_run_config
 from flowertune_llm.tools.simulation import simulate
 
+# Every test here runs the ServerApp and ClientApp in one process.
+pytestmark = pytest.mark.integration
+
 
 def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

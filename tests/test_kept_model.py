@@ -29,6 +29,7 @@ def _train_round(model, config, global_adapter, seed):
     return adapter_state(model)
 
 
+@pytest.mark.integration  # per bit width: two rounds on the kept model, one on a fresh one
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kept_model_trains_a_round_exactly_like_a_fresh_one(config, bits):
     config.model.quantization = bits

@@ -12,6 +12,7 @@ from flowertune_llm.shared.settings import parse_config
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow  # the app's training, in a subprocess
 def test_tiny_default_is_measured_in_a_fresh_process(tmp_path, capsys):
     output = tmp_path / "memory.json"
     assert memory_report.main(["--setting", "tiny", "--steps", "1", "--json", str(output)]) == 0

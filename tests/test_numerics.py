@@ -46,6 +46,7 @@ class DtypeSpy(TrainerCallback):
                                     for value in per_param.values() if torch.is_tensor(value) and value.dim() > 0}
 
 
+@pytest.mark.integration  # two rounds of local training per bit width
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_lora_weights_and_optimizer_state_are_float32_in_the_trainer_and_compute_is_bf16(monkeypatch, bits):
     config = parse_config(default_run_config(**{"model.quantization": bits, "train.max-steps": 2}))
@@ -112,6 +113,7 @@ def reference_runs(tmp_path_factory) -> dict[str, list[dict[str, torch.Tensor]]]
     return {transfer: _run(folder, transfer) for transfer in ("bfloat16", "float32")}
 
 
+@pytest.mark.integration  # reference_runs: two 3-round simulations
 @pytest.mark.parametrize("transfer", ["bfloat16", "float32"])
 def test_every_lora_entry_of_the_global_adapter_moves_every_round_at_the_reference_lr(reference_runs, transfer):
     adapters = reference_runs[transfer]
@@ -123,6 +125,7 @@ def test_every_lora_entry_of_the_global_adapter_moves_every_round_at_the_referen
             assert moved >= 0.99, f"round {server_round}, {kind}: {moved:.1%} of entries moved"
 
 
+@pytest.mark.integration
 def test_a_bfloat16_wire_ends_where_the_float32_wire_does(reference_runs):
     initial, bf16_final = reference_runs["bfloat16"][0], reference_runs["bfloat16"][-1]
     float32_final = reference_runs["float32"][-1]

@@ -17,6 +17,7 @@ def test_trailing_mean():
     assert plot.trailing_mean([4.0, 2.0], 1) == [4.0, 2.0]
 
 
+@pytest.mark.integration  # the session's finished simulation (conftest)
 def test_plot_of_two_runs_and_two_losses(finished_run, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(finished_run, other)
@@ -34,6 +35,7 @@ def test_plot_of_two_runs_and_two_losses(finished_run, tmp_path, capsys):
     assert "raw per-round values" in figure.axes[0].get_title()
 
 
+@pytest.mark.integration
 def test_smoothing_is_drawn_and_stated(finished_run):
     figure = plot.plot_runs([plot.load_run(finished_run)], ["train"], smooth=2)
     first, second = (r["train_loss"] for r in json.loads((finished_run / "metrics.json").read_text())["rounds"])
@@ -41,6 +43,7 @@ def test_smoothing_is_drawn_and_stated(finished_run):
     assert "trailing mean over 2 rounds" in figure.axes[0].get_title()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("argv", "message"), [
     (["{run}", "--smooth", "0"], "--smooth must be >= 1"),
     (["{tmp}"], "has no metrics.json"),

@@ -30,6 +30,7 @@ def test_a_gpu_the_server_does_not_see_is_refused_by_name():
         parse_config(default_run_config(**{"evaluate.server-device": "gpu0"}))
 
 
+@pytest.mark.slow  # the app's evaluator, in a subprocess
 def test_the_child_evaluates_what_this_process_would_and_the_server_builds_no_model(monkeypatch, tmp_path):
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(BUILTIN_DATASET_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:8]))

@@ -23,6 +23,9 @@ from flowertune_llm.tools.simulation import simulate
 
 from conftest import REPO_ROOT, default_run_config
 
+# Every test here runs the ServerApp and ClientApp in one process.
+pytestmark = pytest.mark.integration
+
 
 def _run(tmp_path: Path, **overrides) -> tuple[list[dict], dict, dict]:
     """Run 2 rounds; return the round records, the initial and the round-1 global adapters."""

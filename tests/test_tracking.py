@@ -112,6 +112,7 @@ def wandb_offline(monkeypatch, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_a_real_run_logs_every_round_of_metrics_json_to_tensorboard_and_wandb(tmp_path, wandb_offline):
     simulate(default_run_config(**{
         "num-server-rounds": 2, "train.max-steps": 3, "evaluate.exact-match-examples": 8,
