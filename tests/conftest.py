@@ -20,8 +20,11 @@ if "FLOWERTUNE_CACHE" not in os.environ:
             (Path(os.environ["FLOWERTUNE_CACHE"]) / _built.name).symlink_to(_built, target_is_directory=True)
 
 import pytest  # noqa: E402
-from flwr.common.config import get_fused_config_from_dir  # noqa: E402
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: E402
 
+from flowertune_llm.shared.adapters import from_array_record, to_array_record  # noqa: E402
+from flowertune_llm.shared.flower_compat import act_as_server_app  # noqa: E402
 from flowertune_llm.shared.settings import AppConfig, parse_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def first_step_loss_and_gradients(trainer, model) -> tuple[float, int, dict]:
     """Return the loss, the loss-token count and the gradients of `trainer`'s first batch, as a step computes them."""
-    import torch
 
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
@@ -82,3 +84,40 @@ def finished_run(tmp_path_factory) -> Path:
         "num-server-rounds": 2, "results.dir": str(parent), "results.run-name": "default",
     }))
     return parent / "default"
+
+
+# Strategy tests: Messages built outside a run, a stand-in Grid, clients' train replies.
+@pytest.fixture
+def server_app_identity(monkeypatch):
+    """Give this process the identity a ServerApp has, so Messages can be built outside a run."""
+    act_as_server_app(monkeypatch.setattr)
+
+
+class Grid:
+    """The part of a Grid that sampling uses: the connected node ids."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def update_for(instruction: Message, trained: dict) -> dict:
+    """What a client sends for having trained the adapter it received into `trained`: the difference."""
+    received = from_array_record(instruction.content["arrays"])
+    return {name: t - received[name].float() if name in received and received[name].shape == t.shape else t
+            for name, t in trained.items()}
+
+
+def train_reply(instruction: Message, trained: dict | ArrayRecord, loss: float = 1.0, examples=10, dtype="float32",
+           **extra_metrics) -> Message:
+    """A client's reply for having trained the adapter it received into `trained` (a record goes as it is)."""
+    record = trained if isinstance(trained, ArrayRecord) else to_array_record(update_for(instruction, trained), dtype)
+    metrics = MetricRecord({"train_loss": loss, "num-examples": examples, **extra_metrics})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
+
+
+def preset_run_config(path: Path, **overrides) -> dict:
+    """Return the run config `flwr run . --run-config <path>` gives the apps (same flwr helpers)."""
+    return get_fused_config_from_dir(REPO_ROOT, {**parse_config_args([str(path)]), **overrides})

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from peft.tuners.lora import LoraLayer
 
+from flowertune_llm.builtin.models import ARCHITECTURES
+from flowertune_llm.client.model import ModelSourceError, build_adapter_skeleton
 from flowertune_llm.shared.registry import BUILTIN_MODELS
 from flowertune_llm.shared.settings import parse_config
-from flowertune_llm.client.model import ModelSourceError, build_adapter_skeleton
-from flowertune_llm.builtin.models import ARCHITECTURES
 
 from conftest import default_run_config
 

@@ -17,11 +17,11 @@ import torch
 from flwr.app import Context
 
 from flowertune_llm import server_app
-from flowertune_llm.shared.settings import ConfigError
 from flowertune_llm.client.data import DatasetSourceError
 from flowertune_llm.client.model import ModelSourceError
 from flowertune_llm.server.results import ResultsError
 from flowertune_llm.server.resume import ResumeError
+from flowertune_llm.shared.settings import ConfigError
 
 from conftest import default_run_config
 

@@ -7,10 +7,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flowertune_llm.builtin.models import ensure_builtin_model
 from flowertune_llm.builtin.world import NOTE_FORMAT, generate_heldout
 from flowertune_llm.client.exact_match import exact_match
 from flowertune_llm.shared.prompts import alpaca_prompt
-from flowertune_llm.builtin.models import ensure_builtin_model
 from flowertune_llm.shared.registry import BUILTIN_MODEL_NAME
 
 

@@ -9,12 +9,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm.tools import chat
-
-from flowertune_llm.tools import export
-from flowertune_llm.shared.adapter_card import CARD_FILE, read_card
 from flowertune_llm.client.model import resolve_model_path
+from flowertune_llm.shared.adapter_card import CARD_FILE, read_card
 from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.tools import chat, export
 
 # Every test here reads the adapter of the session's finished 2-round simulation (conftest).
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flowertune_llm.client import training
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import load_client_data
-from flowertune_llm.tools.memory_report import full_logits_loss
 from flowertune_llm.client.model import build_peft_model, load_tokenizer
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools.memory_report import full_logits_loss
 
 from conftest import default_run_config, first_step_loss_and_gradients
 

@@ -7,8 +7,8 @@ import tomllib
 import pytest
 from flwr.common.config import flatten_dict, parse_config_args, unflatten_dict
 
-from flowertune_llm.shared.settings import CONFIG_KEYS, ConfigError, parse_config, to_run_config
 from flowertune_llm.server.results import to_toml
+from flowertune_llm.shared.settings import CONFIG_KEYS, ConfigError, parse_config, to_run_config
 
 from conftest import REPO_ROOT, default_run_config
 

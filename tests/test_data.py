@@ -15,20 +15,20 @@ from flowertune_llm.builtin.world import (
     write_jsonl,
 )
 from flowertune_llm.client.data import (
-    check_dataset_source,
     DatasetSourceError,
+    check_dataset_source,
     dataset_source,
     load_client_data,
     to_prompt_completion,
 )
 from flowertune_llm.client.model import build_peft_model, load_tokenizer
-from flowertune_llm.shared.prompts import alpaca_prompt
-from flowertune_llm.server.evaluator import load_heldout_data
+from flowertune_llm.client.preflight import check_node_data
 from flowertune_llm.client.training import _trainer
+from flowertune_llm.server.evaluator import load_heldout_data
+from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.shared.settings import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
 
 from conftest import default_run_config
-from flowertune_llm.shared.settings import ConfigError, NodeSettings, for_node, parse_config, parse_node_config
-from flowertune_llm.client.preflight import check_node_data
 
 
 def test_shipped_dataset_is_the_deterministic_generator_output(tmp_path):

@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
-from flower_env import flwr, private_flwr_env
 from flowertune_llm.builtin.world import generate_examples, write_jsonl
 from flowertune_llm.tools.credentials import make_supernode_key
 from flowertune_llm.tools.local_deployment import (
@@ -32,6 +30,9 @@ from flowertune_llm.tools.local_deployment import (
     stop_process_tree,
     supernode_command,
 )
+
+from conftest import REPO_ROOT
+from flower_env import flwr, private_flwr_env
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from flowertune_llm.shared import devices
-from flowertune_llm.shared.settings import ConfigError, parse_config
 from flowertune_llm.shared.devices import DeviceError, TrainingDevice
+from flowertune_llm.shared.settings import ConfigError, parse_config
 
 from conftest import default_run_config
 

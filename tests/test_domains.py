@@ -7,14 +7,13 @@ import json
 import pytest
 from datasets import Dataset
 
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import ColumnMapping, DatasetSourceError, load_client_data, to_prompt_completion
 from flowertune_llm.client.model import load_tokenizer
 from flowertune_llm.client.preflight import check_training_data
 from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.shared.settings import parse_config
 
-from conftest import REPO_ROOT, default_run_config
-from test_presets import preset_run_config
+from conftest import REPO_ROOT, default_run_config, preset_run_config
 
 # One record shaped like each domain preset's dataset (its columns, and what sits in them).
 DOMAIN_RECORDS = {

@@ -16,8 +16,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from flowertune_llm.tools import cli
 from flowertune_llm.shared.adapter_card import CARD_FILE
+from flowertune_llm.tools import cli
 from flowertune_llm.tools.evaluation import runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

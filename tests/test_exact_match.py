@@ -10,6 +10,9 @@ from datasets import Dataset
 from flwr.app import MetricRecord
 
 from flowertune_llm.client.exact_match import answers_match, exact_match, generate_answers, normalise_answer
+from flowertune_llm.client.model import build_peft_model, load_tokenizer
+from flowertune_llm.client.training import train_adapter
+from flowertune_llm.server.evaluator import load_heldout_data
 from flowertune_llm.shared.answer_counts import (
     ExactMatchCounts,
     combine_counts,
@@ -19,10 +22,6 @@ from flowertune_llm.shared.answer_counts import (
     to_metrics,
     without_per_task_keys,
 )
-from flowertune_llm.client.model import build_peft_model, load_tokenizer
-from flowertune_llm.shared.prompts import alpaca_prompt
-from flowertune_llm.server.evaluator import load_heldout_data
-from flowertune_llm.client.training import train_adapter
 
 
 def test_normalisation_strips_collapses_whitespace_and_ignores_case_unless_asked():
@@ -86,8 +85,9 @@ MEMORISED_TASKS = ("add_numbers", "first_word", "larger_number", "last_word")
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
     """The default tiny model before and after overfitting its adapter on four held-out examples it got wrong."""
-    from conftest import default_run_config
     from flowertune_llm.shared.settings import parse_config
+
+    from conftest import default_run_config
 
     config = parse_config(default_run_config())
     tokenizer = load_tokenizer(config.model)

@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flowertune_llm import client_app
+from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.shared.adapters import adapter_state, from_array_record, to_array_record
 from flowertune_llm.shared.settings import parse_config
-from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import default_run_config
-from flowertune_llm.tools.simulation import simulate
 
 # The one test here is a 6-client simulation.
 pytestmark = pytest.mark.integration

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from conftest import REPO_ROOT, default_run_config
-from flower_env import flwr, local_superlink_pids, private_flwr_env, stop_pids
+from flowertune_llm.client.data import load_client_data
 from flowertune_llm.shared import flower_compat
 from flowertune_llm.shared.settings import parse_config
-from flowertune_llm.client.data import load_client_data
+
+from conftest import REPO_ROOT, default_run_config
+from flower_env import flwr, local_superlink_pids, private_flwr_env, stop_pids
 
 FEDERATIONS = REPO_ROOT / "federations"
 FEDERATION_FILES = sorted(FEDERATIONS.glob("*.toml"))

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import build_adapter_skeleton, build_peft_model, load_tokenizer
 from flowertune_llm.client.training import train_adapter
+from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
 
 
 def _distance(adapter: dict, origin: dict) -> float:

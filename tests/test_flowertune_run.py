@@ -14,8 +14,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from flower_env import (flwr, local_superlink_pids, private_flwr_env, run_process_pids, start_local_superlink,
-                        stop_pids)
+from flower_env import flwr, local_superlink_pids, private_flwr_env, run_process_pids, start_local_superlink, stop_pids
 
 pytestmark = pytest.mark.slow
 

@@ -13,18 +13,25 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from conftest import REPO_ROOT
-from flowertune_llm.tools import cli
-from flowertune_llm.tools import plot
-from flowertune_llm.tools.export import default_output
-from flowertune_llm.tools.launcher import (DISABLE_INSTALL, RunOutcome, RunRequest, effective_run_config, flwr_environment,
-                                   flwr_run_command, follow)
-from flowertune_llm.shared.adapters import adapter_state, to_array_record
-from flowertune_llm.shared import atomic
 from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.server.results import RunRecorder, save_checkpoint, to_toml
 from flowertune_llm.server.resume import continuation_config
 from flowertune_llm.server.run_summary import summary
+from flowertune_llm.shared import atomic
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.tools import cli, plot
+from flowertune_llm.tools.export import default_output
+from flowertune_llm.tools.launcher import (
+    DISABLE_INSTALL,
+    RunOutcome,
+    RunRequest,
+    effective_run_config,
+    flwr_environment,
+    flwr_run_command,
+    follow,
+)
+
+from conftest import REPO_ROOT
 
 
 @pytest.fixture

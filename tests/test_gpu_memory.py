@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from flowertune_llm.client import kept_model
-
-from flowertune_llm.tools import memory_report
-
-from flowertune_llm.shared import telemetry
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import load_tokenizer
 from flowertune_llm.client.training import train_adapter
+from flowertune_llm.shared import telemetry
+from flowertune_llm.tools import memory_report
 
 
 @pytest.fixture(autouse=True)

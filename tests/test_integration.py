@@ -12,13 +12,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm.shared.adapters import adapter_state
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import build_adapter_skeleton, resolve_model_path
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import default_run_config
-from flowertune_llm.tools.simulation import simulate
 
 # Every test here runs the ServerApp and ClientApp in one process.
 pytestmark = pytest.mark.integration

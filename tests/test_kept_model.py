@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flowertune_llm.client import kept_model
-from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import build_adapter_skeleton, build_peft_model, load_tokenizer
 from flowertune_llm.client.training import evaluate_loss, train_adapter
+from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
 
 
 @pytest.fixture(autouse=True)

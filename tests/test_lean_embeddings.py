@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowertune_llm.shared.adapters import adapter_state
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import build_peft_model, load_tokenizer, resolve_model_path
 from flowertune_llm.client.training import evaluate_loss, train_adapter
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
 
 from conftest import default_run_config
 

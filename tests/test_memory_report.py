@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flowertune_llm.tools import memory_report
 from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools import memory_report
 
 from conftest import REPO_ROOT
 

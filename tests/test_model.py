@@ -7,8 +7,6 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from flowertune_llm.shared.adapters import adapter_state
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import (
     ModelSourceError,
@@ -20,6 +18,8 @@ from flowertune_llm.client.model import (
     quantization_config,
 )
 from flowertune_llm.client.training import evaluate_loss, train_adapter
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
 
 from conftest import default_run_config
 

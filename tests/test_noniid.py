@@ -9,12 +9,11 @@ import pytest
 from flwr.common.config import flatten_dict
 from flwr_datasets import FederatedDataset
 
-from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE
-from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE, generate_examples
 from flowertune_llm.client.data import DatasetSourceError, load_client_data, make_partitioner
+from flowertune_llm.shared.settings import parse_config
 
 from conftest import REPO_ROOT, default_run_config
-from flowertune_llm.builtin.world import generate_examples
 
 PRESET = REPO_ROOT / "presets" / "tiny-noniid-dirichlet.toml"
 CATEGORIES = len({example["category"] for example in generate_examples()})  # tasks in the built-in data

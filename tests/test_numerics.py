@@ -14,16 +14,14 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from flowertune_llm.client import kept_model
-
-from flowertune_llm.client import training
-from flowertune_llm.shared.adapters import adapter_state
-from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.client import kept_model, training
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.kept_model import peft_model
 from flowertune_llm.client.model import build_adapter_skeleton, load_tokenizer
-from flowertune_llm.tools.simulation import simulate
 from flowertune_llm.client.training import train_adapter
+from flowertune_llm.shared.adapters import adapter_state
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import default_run_config
 

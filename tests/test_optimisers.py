@@ -15,12 +15,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
+from flowertune_llm.server.strategy import LoraRounds, build_strategy
 from flowertune_llm.shared.adapters import WIRE_DTYPES, to_array_record
 from flowertune_llm.shared.settings import ConfigError, parse_config
-from flowertune_llm.server.strategy import LoraRounds, build_strategy
 
-from conftest import default_run_config
-from test_strategy import Grid, _reply, task_identity  # noqa: F401 (task_identity is an autouse fixture)
+from conftest import Grid, default_run_config, train_reply
 
 # Values whose differences are exact in bfloat16, so the bf16 wire (which carries updates) changes
 # nothing and the formulas can be checked exactly.
@@ -47,7 +46,7 @@ def _round(strategy: LoraRounds, server_round: int, global_arrays: dict, node_ad
     assert {a.dtype for m in sent for a in m.content["arrays"].values()} == {WIRE_DTYPES["bfloat16"]}
     updates = [to_array_record({k: torch.tensor(adapter[k] - global_arrays[k]) for k in adapter}, "bfloat16")
                for adapter in node_adapters]
-    replies = [_reply(m, update, examples=10) for m, update in zip(sent, updates)]
+    replies = [train_reply(m, update, examples=10) for m, update in zip(sent, updates)]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     assert {a.dtype for a in arrays.values()} == {"float32"}
     return {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
@@ -87,6 +86,11 @@ def test_strategy_name_selects_flowers_strategy_with_its_parameters(name, flower
     if name in expected:
         attribute, value = expected[name]
         assert getattr(strategy, attribute) == value
+
+
+@pytest.fixture(autouse=True)
+def _as_server_app(server_app_identity):
+    """Every test here builds Messages outside a run."""
 
 
 def test_fedprox_sends_its_mu_and_averages_like_fedavg():

@@ -13,15 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flowertune_llm.client import per_example_attention
-
-from flowertune_llm.client import training
-from flowertune_llm.shared.registry import BUILTIN_MODELS
-from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.builtin.models import ensure_builtin_model
+from flowertune_llm.client import per_example_attention, training
 from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.model import build_peft_model, load_tokenizer
 from flowertune_llm.shared.prompts import ALPACA_WITHOUT_INPUT
-from flowertune_llm.builtin.models import ensure_builtin_model
+from flowertune_llm.shared.registry import BUILTIN_MODELS
+from flowertune_llm.shared.settings import parse_config
 
 from conftest import default_run_config, first_step_loss_and_gradients
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from flowertune_llm import server_app
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.data import DatasetSourceError
 from flowertune_llm.client.model import ModelSourceError
+from flowertune_llm.shared.settings import parse_config
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, preset_run_config
 
 PRESETS = sorted((REPO_ROOT / "presets").glob("*.toml"))
 REFERENCE_SETTINGS = {
@@ -23,11 +22,6 @@ REFERENCE_SETTINGS = {
     "openllama-7b-8bit": ("openlm-research/open_llama_7b_v2", 8),
     "llama2-7b-4bit": ("meta-llama/Llama-2-7b-hf", 4),
 }
-
-
-def preset_run_config(path: Path, **overrides) -> dict:
-    """Return the run config `flwr run . --run-config <path>` gives the apps (same flwr helpers)."""
-    return get_fused_config_from_dir(REPO_ROOT, {**parse_config_args([str(path)]), **overrides})
 
 
 def test_every_reference_setting_and_domain_has_a_preset():

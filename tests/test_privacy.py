@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -18,13 +18,12 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 
-from flowertune_llm.shared.adapters import from_array_record, to_array_record
-from flowertune_llm.shared.settings import ConfigError, parse_config
 from flowertune_llm.client.clipping import clipping_mod
 from flowertune_llm.server.strategy import build_strategy
+from flowertune_llm.shared.adapters import from_array_record, to_array_record
+from flowertune_llm.shared.settings import ConfigError, parse_config
 
-from conftest import default_run_config
-from test_strategy import Grid, _reply, task_identity  # noqa: F401 (task_identity is an autouse fixture)
+from conftest import Grid, default_run_config, train_reply
 
 SHAPES = {"x.lora_A.weight": (100, 80), "x.lora_B.weight": (60, 100)}  # 14,000 values
 
@@ -51,7 +50,7 @@ def _aggregate(strategy, global_adapter: dict, adapters: list[dict], examples=(3
     sent = list(strategy.configure_train(server_round, to_array_record(global_adapter), ConfigRecord(),
                                          Grid(len(adapters))))
     dtype = strategy.transfer_dtype
-    replies = [_reply(m, a, examples=n, dtype=dtype) for m, a, n in zip(sent, adapters, examples)]
+    replies = [train_reply(m, a, examples=n, dtype=dtype) for m, a, n in zip(sent, adapters, examples)]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return arrays.to_torch_state_dict()
 
@@ -102,6 +101,11 @@ def test_noise_of_the_configured_size_is_added_to_the_mean(mode):
     assert float(residual.std()) == pytest.approx(expected_stddev, rel=0.03)
     assert abs(float(residual.mean())) < 0.03 * expected_stddev
     assert strategy.round_stats[1]["dp_noise_stddev"] == pytest.approx(expected_stddev)
+
+
+@pytest.fixture(autouse=True)
+def _as_server_app(server_app_identity):
+    """Every test here builds Messages outside a run."""
 
 
 def test_no_noise_means_no_change_to_the_clipped_mean():

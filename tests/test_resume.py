@@ -16,14 +16,14 @@ from flwr.app import Context
 from safetensors.torch import load_file
 
 from flowertune_llm import server_app
-from flowertune_llm.shared.adapters import adapter_state, to_array_record
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.server.results import RunRecorder
 from flowertune_llm.server.resume import ResumeError, find_resume_point
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import REPO_ROOT, default_run_config
-from flowertune_llm.tools.simulation import simulate
 
 ROUNDS = 3
 # Resumed and uninterrupted runs compute the same thing, usually bit for bit. But CPU bf16 kernels

@@ -6,7 +6,8 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from flowertune_llm.shared.flower_compat import act_as_server_app
+from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.client.training import cosine_learning_rate, round_seed
 from flowertune_llm.shared.adapters import (
     adapter_state,
     apply_update,
@@ -17,8 +18,7 @@ from flowertune_llm.shared.adapters import (
     transfer_dtype_of,
     update_record,
 )
-from flowertune_llm.client.model import build_adapter_skeleton
-from flowertune_llm.client.training import cosine_learning_rate, round_seed
+from flowertune_llm.shared.flower_compat import act_as_server_app
 
 
 def test_cosine_schedule_starts_at_max_and_ends_at_min():

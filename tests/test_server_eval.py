@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE
+from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.server import evaluator as server_eval
 from flowertune_llm.shared.adapters import adapter_state, to_array_record
-from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE
-from flowertune_llm.shared.settings import ConfigError, parse_config
 from flowertune_llm.shared.devices import DeviceError
-from flowertune_llm.client.model import build_adapter_skeleton
+from flowertune_llm.shared.settings import ConfigError, parse_config
 
 from conftest import default_run_config
 

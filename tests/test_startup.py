@@ -6,10 +6,10 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from flowertune_llm import server_app
-from flowertune_llm.shared.settings import ConfigError
 from flowertune_llm.client.data import DatasetSourceError
 from flowertune_llm.client.model import ModelSourceError
 from flowertune_llm.server.results import ResultsError
+from flowertune_llm.shared.settings import ConfigError
 
 from conftest import default_run_config
 

@@ -10,31 +10,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from flowertune_llm.shared.adapters import from_array_record, to_array_record
 from flowertune_llm.server.strategy import lora_strategy
-from flowertune_llm.shared.flower_compat import act_as_server_app
+from flowertune_llm.shared.adapters import from_array_record, to_array_record
 from flowertune_llm.shared.protocol import LEARNING_RATE, RUN_ROUND
+
+from conftest import Grid, train_reply, update_for
 
 LoraFedAvg = lora_strategy("fedavg")
 GLOBAL = OrderedDict({"x.lora_A.weight": torch.tensor([[0.5, 0.5]]), "x.lora_B.weight": torch.tensor([[0.0]])})
 A = OrderedDict({"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[4.0]])})
 B = OrderedDict({"x.lora_A.weight": torch.tensor([[3.0, -2.0]]), "x.lora_B.weight": torch.tensor([[0.0]])})
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Give this process the identity a ServerApp has, so Messages can be built outside a run."""
-    act_as_server_app(monkeypatch.setattr)
-
-
-class Grid:
-    """The part of a Grid that sampling uses: the connected node ids."""
-
-    def __init__(self, nodes: int) -> None:
-        self.nodes = list(range(1, nodes + 1))
-
-    def get_node_ids(self):
-        return self.nodes
 
 
 def _strategy(nodes: int = 2, **hooks) -> tuple[LoraFedAvg, list[Message]]:
@@ -44,24 +29,14 @@ def _strategy(nodes: int = 2, **hooks) -> tuple[LoraFedAvg, list[Message]]:
     return strategy, sent
 
 
-def _update(instruction: Message, trained: dict) -> dict:
-    """What a client sends for having trained the adapter it received into `trained`: the difference."""
-    received = from_array_record(instruction.content["arrays"])
-    return {name: t - received[name].float() if name in received and received[name].shape == t.shape else t
-            for name, t in trained.items()}
-
-
-def _reply(instruction: Message, trained: dict | ArrayRecord, loss: float = 1.0, examples=10, dtype="float32",
-           **extra_metrics) -> Message:
-    """A client's reply for having trained the adapter it received into `trained` (a record goes as it is)."""
-    record = trained if isinstance(trained, ArrayRecord) else to_array_record(_update(instruction, trained), dtype)
-    metrics = MetricRecord({"train_loss": loss, "num-examples": examples, **extra_metrics})
-    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
+@pytest.fixture(autouse=True)
+def _as_server_app(server_app_identity):
+    """Every test here builds Messages outside a run."""
 
 
 def test_fedavg_of_adapters_is_the_example_weighted_mean():
     strategy, sent = _strategy()
-    arrays, metrics = strategy.aggregate_train(1, [_reply(sent[0], A, 2.0, 30), _reply(sent[1], B, 1.0, 10)])
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(sent[0], A, 2.0, 30), train_reply(sent[1], B, 1.0, 10)])
     averaged = arrays.to_torch_state_dict()
     for name in A:
         assert torch.allclose(averaged[name], (30 * A[name] + 10 * B[name]) / 40)
@@ -86,10 +61,10 @@ def test_bfloat16_transfer_halves_bytes_and_averages_real_values():
     assert {a.dtype for a in compact_sent[0].content["arrays"].values()} == {"uint16"}
     assert from_array_record(compact_sent[0].content["arrays"])["x.lora_A.weight"].dtype == torch.bfloat16
 
-    plain.aggregate_train(1, [_reply(plain_sent[0], A, examples=30), _reply(plain_sent[1], B, examples=10)])
+    plain.aggregate_train(1, [train_reply(plain_sent[0], A, examples=30), train_reply(plain_sent[1], B, examples=10)])
     arrays, _ = compact.aggregate_train(1, [
-        _reply(compact_sent[0], A, examples=30, dtype="bfloat16"),
-        _reply(compact_sent[1], B, examples=10, dtype="bfloat16"),
+        train_reply(compact_sent[0], A, examples=30, dtype="bfloat16"),
+        train_reply(compact_sent[1], B, examples=10, dtype="bfloat16"),
     ])
     averaged = arrays.to_torch_state_dict()
     assert averaged["x.lora_A.weight"].dtype == torch.float32
@@ -107,7 +82,7 @@ def test_a_bfloat16_wire_keeps_steps_far_below_the_weights_precision():
     strategy, sent = _strategy(transfer_dtype="bfloat16")
     step = {"x.lora_A.weight": torch.tensor([[1e-4, -3e-5]]), "x.lora_B.weight": torch.tensor([[2e-7]])}
     trained = {name: GLOBAL[name] + step[name] for name in GLOBAL}
-    arrays, _ = strategy.aggregate_train(1, [_reply(m, trained, dtype="bfloat16") for m in sent])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(m, trained, dtype="bfloat16") for m in sent])
     moved = {name: t - GLOBAL[name] for name, t in arrays.to_torch_state_dict().items()}
     for name in GLOBAL:
         assert torch.allclose(moved[name], step[name], rtol=2**-8, atol=0)
@@ -122,24 +97,24 @@ def _wire(dtype: str) -> ArrayRecord:
 
 
 BAD_REPLIES = {
-    "NaN values": (lambda m: _reply(m, _nan(A)), "holds NaN or Inf"),
-    "Inf values": (lambda m: _reply(m, {**A, "x.lora_B.weight": torch.tensor([[math.inf]])}), "holds NaN or Inf"),
-    "NaN in bfloat16 bits": (lambda m: _reply(m, _nan(A), dtype="bfloat16"), "dtype uint16, expected float32"),
-    "wrong shape": (lambda m: _reply(m, {**A, "x.lora_A.weight": torch.ones(2, 2)}), "shape (2, 2), expected (1, 2)"),
-    "extra key": (lambda m: _reply(m, {**A, "x.lora_C.weight": torch.ones(1)}), "1 extra ['x.lora_C.weight']"),
-    "missing key": (lambda m: _reply(m, {"x.lora_A.weight": A["x.lora_A.weight"]}), "1 missing ['x.lora_B.weight']"),
-    "wrong dtype": (lambda m: _reply(m, _wire("float64")), "dtype float64, expected float32"),
-    "zero examples": (lambda m: _reply(m, A, examples=0), "'num-examples' must be a positive number, got 0"),
-    "negative examples": (lambda m: _reply(m, A, examples=-5), "got -5"),
-    "NaN loss": (lambda m: _reply(m, A, loss=float("nan")), "'train_loss' must be a finite number"),
+    "NaN values": (lambda m: train_reply(m, _nan(A)), "holds NaN or Inf"),
+    "Inf values": (lambda m: train_reply(m, {**A, "x.lora_B.weight": torch.tensor([[math.inf]])}), "holds NaN or Inf"),
+    "NaN in bfloat16 bits": (lambda m: train_reply(m, _nan(A), dtype="bfloat16"), "dtype uint16, expected float32"),
+    "wrong shape": (lambda m: train_reply(m, {**A, "x.lora_A.weight": torch.ones(2, 2)}), "shape (2, 2), expected (1, 2)"),
+    "extra key": (lambda m: train_reply(m, {**A, "x.lora_C.weight": torch.ones(1)}), "1 extra ['x.lora_C.weight']"),
+    "missing key": (lambda m: train_reply(m, {"x.lora_A.weight": A["x.lora_A.weight"]}), "1 missing ['x.lora_B.weight']"),
+    "wrong dtype": (lambda m: train_reply(m, _wire("float64")), "dtype float64, expected float32"),
+    "zero examples": (lambda m: train_reply(m, A, examples=0), "'num-examples' must be a positive number, got 0"),
+    "negative examples": (lambda m: train_reply(m, A, examples=-5), "got -5"),
+    "NaN loss": (lambda m: train_reply(m, A, loss=float("nan")), "'train_loss' must be a finite number"),
     "no num-examples": (
-        lambda m: Message(RecordDict({"arrays": to_array_record(_update(m, A)), "metrics": MetricRecord({"train_loss": 1.0})}),
+        lambda m: Message(RecordDict({"arrays": to_array_record(update_for(m, A)), "metrics": MetricRecord({"train_loss": 1.0})}),
                           reply_to=m),
         "'num-examples' must be a positive number, got None"),
     "no arrays": (
         lambda m: Message(RecordDict({"metrics": MetricRecord({"train_loss": 1.0, "num-examples": 3})}), reply_to=m),
         "expected one ArrayRecord 'arrays', got none"),
-    "other metric names": (lambda m: _reply(m, A, surprise=1.0), "differ from other replies'"),
+    "other metric names": (lambda m: train_reply(m, A, surprise=1.0), "differ from other replies'"),
 }
 
 
@@ -147,7 +122,7 @@ BAD_REPLIES = {
 def test_a_malformed_reply_is_rejected_and_the_others_are_averaged(fault, caplog):
     make_bad, reason = BAD_REPLIES[fault]
     strategy, sent = _strategy(nodes=3)
-    good = [_reply(sent[0], A, examples=30), _reply(sent[1], B, examples=10)]
+    good = [train_reply(sent[0], A, examples=30), train_reply(sent[1], B, examples=10)]
     arrays, _ = strategy.aggregate_train(1, [*good, make_bad(sent[2])])
     averaged = arrays.to_torch_state_dict()
     for name in A:
@@ -161,15 +136,15 @@ def test_a_malformed_reply_is_rejected_and_the_others_are_averaged(fault, caplog
 
 def test_bfloat16_nan_bits_are_caught():
     strategy, sent = _strategy(nodes=2, transfer_dtype="bfloat16")
-    bad = _reply(sent[1], _nan(A), dtype="bfloat16")
-    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], A, dtype="bfloat16"), bad])
+    bad = train_reply(sent[1], _nan(A), dtype="bfloat16")
+    arrays, _ = strategy.aggregate_train(1, [train_reply(sent[0], A, dtype="bfloat16"), bad])
     assert strategy.round_stats[1]["train_rejected"] == 1
     assert torch.equal(arrays.to_torch_state_dict()["x.lora_A.weight"], A["x.lora_A.weight"])
 
 
 def test_too_few_valid_replies_keep_the_previous_adapter(caplog):
     strategy, sent = _strategy(nodes=2, min_train_replies=2)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(sent[0], A), _reply(sent[1], _nan(A))])
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(sent[0], A), train_reply(sent[1], _nan(A))])
     assert arrays is None and metrics is None
     assert strategy.round_stats[1]["kept_previous_adapter"] is True
     assert any("keeping the previous global adapter" in r.getMessage() for r in caplog.records)
@@ -203,7 +178,7 @@ def test_lost_and_failed_nodes_are_logged_and_the_round_goes_on(caplog):
     sent.sort(key=lambda message: message.metadata.dst_node_id)
     failed = Message(Error(code=0, reason="client raised"), reply_to=sent[1])
     # sent[2]'s node never answers (stopped mid-round): its reply is simply absent at the timeout.
-    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], A, examples=30), failed])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(sent[0], A, examples=30), failed])
     assert torch.allclose(arrays.to_torch_state_dict()["x.lora_A.weight"], A["x.lora_A.weight"])
     stats = strategy.round_stats[1]
     assert (stats["train_sampled"], stats["train_replies"], stats["train_failures"]) == (3, 1, 1)

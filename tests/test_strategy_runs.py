@@ -16,9 +16,9 @@ import torch
 from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
+from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.shared.adapters import adapter_state
 from flowertune_llm.shared.settings import parse_config
-from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.tools.simulation import simulate
 
 from conftest import REPO_ROOT, default_run_config

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_llm.shared.adapters import adapter_state, to_array_record
-from flowertune_llm.shared.settings import parse_config
 from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.server.results import RunRecorder
 from flowertune_llm.server.tracking import WANDB_RUN, numeric_fields
+from flowertune_llm.shared.adapters import adapter_state, to_array_record
+from flowertune_llm.shared.settings import parse_config
+from flowertune_llm.tools.simulation import simulate
 
 from conftest import REPO_ROOT, default_run_config
-from flowertune_llm.tools.simulation import simulate
 
 # The tracking extra (also in the test extra): without it these tests are skipped, not broken.
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator

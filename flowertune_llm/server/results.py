@@ -32,12 +32,12 @@ from flwr.common.logger import log
 from peft import PeftModel
 from safetensors.torch import save_file
 
+from flowertune_llm.server.tracking import open_trackers
+from flowertune_llm.shared import atomic
 from flowertune_llm.shared.adapter_card import card_for, write_card
 from flowertune_llm.shared.adapters import from_array_record, load_adapter_state
-from flowertune_llm.shared import atomic
-from flowertune_llm.shared.settings import AppConfig, ResultsSettings, to_run_config
 from flowertune_llm.shared.devices import expected_gpu_note, round_device
-from flowertune_llm.server.tracking import open_trackers
+from flowertune_llm.shared.settings import AppConfig, ResultsSettings, to_run_config
 
 FINAL_ADAPTER = "adapter-final"
 CHECKPOINT = "checkpoint.safetensors"

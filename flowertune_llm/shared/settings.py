@@ -425,7 +425,8 @@ def _check_privacy(config: AppConfig) -> list[str]:
     # clipped updates; a server optimiser returns a rescaled step instead, which that noise does not cover.
     plain_means = [name for name, entry in STRATEGIES.items() if not entry.server_optimiser]
     require(strategy.name in plain_means, "strategy.name", strategy.name,
-            f"{' or '.join(repr(name) for name in plain_means)} with {mode} (the noise is calibrated to a plain mean of clipped updates)")
+            f"{' or '.join(repr(name) for name in plain_means)} with {mode} "
+            "(the noise is calibrated to a plain mean of clipped updates)")
     # Clients clip the update they send; a 16-bit rounding of the clipped adapter afterwards moves it
     # by up to 2^-8 of the adapter's values, which can push the update past the clipping bound.
     if privacy.client_side:

@@ -71,7 +71,8 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--suite", help="leaderboard domain: " + ", ".join(suites.SUITES))
     parser.add_argument("--data", type=_data_argument, action="append", default=[], metavar="NAME=PATH",
                         help="read dataset NAME from a local file or folder in its public schema instead of the hub")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples of each dataset (a quick look; not leaderboard figures)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="first N examples of each dataset (a quick look; not leaderboard figures)")
     parser.add_argument("--quantization", type=int, choices=(4, 8, 16), default=None,
                         help="base model bits; 16 = unquantized (float32). Default: the reference's (4; code: 16)")
     parser.add_argument("--compare-base", action="store_true", help="also score the base model without the adapter")
@@ -113,9 +114,9 @@ def _request(args: argparse.Namespace, app: Path, run_config: list[str]):
 
 def _launch_checked(request) -> int:
     """Check the run config, submit the run, follow it, print the summary; return the exit status."""
+    from flowertune_llm.server.run_summary import summary
     from flowertune_llm.shared.settings import ConfigError
     from flowertune_llm.tools.launcher import LaunchError, check_run_config, launch
-    from flowertune_llm.server.run_summary import summary
 
     try:
         check_run_config(request.app, request.run_config)
@@ -160,9 +161,9 @@ def add_run(commands: argparse._SubParsersAction) -> None:
 
 def _resume(args: argparse.Namespace) -> int:
     """Run `flowertune resume`: the run's saved settings, written to a TOML file outside the app folder."""
-    from flowertune_llm.shared.settings import ConfigError, parse_config
-    from flowertune_llm.server.resume import ResumeError, continuation_config, find_resume_point
     from flowertune_llm.server.results import to_toml
+    from flowertune_llm.server.resume import ResumeError, continuation_config, find_resume_point
+    from flowertune_llm.shared.settings import ConfigError, parse_config
 
     try:
         settings = continuation_config(args.run_folder, args.num_server_rounds)
