@@ -7,6 +7,7 @@ benchmarks/results/.
 
     python benchmarks/round_benchmark.py                      # base rebuilt vs disk cache vs kept
     python benchmarks/round_benchmark.py --compare transfer   # float32 vs bfloat16 adapters, 5 rounds
+    python benchmarks/round_benchmark.py --compare padding    # padded vs padding-free vs packed batches
     python benchmarks/round_benchmark.py --run-config "model.quantization=8" --rounds 4
 
 With one client per round (the `reuse` comparison) a round's time splits exactly into the client's
@@ -41,6 +42,11 @@ COMPARISONS = {
                   "strategy.min-available-nodes": 1, "strategy.min-evaluate-nodes": 1}),
     "transfer": ({"float32": {"transfer.dtype": "float32"}, "float16": {"transfer.dtype": "float16"},
                   "bfloat16": {"transfer.dtype": "bfloat16"}}, 2, {}),
+    # Batches: padded to the longest example, flattened without padding (same examples per step),
+    # packed (more examples per step).
+    "padding": ({"padded": {"train.padding-free": False, "train.packing": False},
+                 "padding-free": {"train.padding-free": True, "train.packing": False},
+                 "packed": {"train.padding-free": False, "train.packing": True}}, 2, {}),
 }
 
 
@@ -64,6 +70,9 @@ def _round_rows(metrics: dict) -> list[dict]:
             row[phase] = record.get(f"time_{phase}_s", float("nan"))
         row["aggregate"] = record.get("time_aggregate_s", float("nan"))
         row["other"] = round(row["round_s"] - sum(row[p] for p in PHASES) - row["aggregate"], 2)
+        row["slowest_train"] = record.get("time_train_slowest_s", float("nan"))
+        # What a round costs beyond its slowest client's training (evaluation, messaging, start-up).
+        row["round_over_train"] = round(row["round_s"] / row["slowest_train"], 2) if row["slowest_train"] else float("nan")
         row["tokens_per_s"] = record.get("train_tokens_per_s", float("nan"))
         row["bytes_down"], row["bytes_up"] = record.get("bytes_down", 0), record.get("bytes_up", 0)
         row["peak_rss_mb"] = record.get("peak_rss_mb", float("nan"))
@@ -73,7 +82,8 @@ def _round_rows(metrics: dict) -> list[dict]:
 
 def _print_rounds(label: str, rows: list[dict]) -> None:
     print(f"\n{label}")
-    header = ["round", "round_s", *PHASES, "aggregate", "other", "tokens_per_s", "bytes_down", "bytes_up", "peak_rss_mb"]
+    header = ["round", "round_s", *PHASES, "aggregate", "other", "slowest_train", "round_over_train", "tokens_per_s",
+              "bytes_down", "bytes_up", "peak_rss_mb"]
     print(" | ".join(f"{h:>12}" for h in header))
     for row in rows:
         print(" | ".join(f"{row[h]:>12.2f}" if isinstance(row[h], float) else f"{row[h]:>12}" for h in header))
@@ -113,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                 "overrides": overrides, "wall_s": metrics["wall_s"], "rounds": rows,
                 "mean_round_s_after_first": statistics.mean(r["round_s"] for r in rows[1:]),
                 "final_train_loss": last.get("train_loss"), "final_eval_loss": last.get("eval_loss"),
+                "final_exact_match": last.get("eval_exact_match"),
+                "mean_train_s": statistics.mean(r["train"] for r in rows),
+                "mean_round_over_slowest_train_after_first": statistics.mean(r["round_over_train"] for r in rows[1:]),
+                "mean_tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
                 "bytes_total": last.get("bytes_total"),
             }
             _print_rounds(f"{label} ({clients} client(s) per round, {metrics['wall_s']:.1f} s wall)", rows)
@@ -120,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for label, result in report["variants"].items():
         print(f"  {label:>20}: mean round (rounds 2+) {result['mean_round_s_after_first']:.2f} s | "
+              f"train {result['mean_train_s']:.2f} s/round at {result['mean_tokens_per_s']:.0f} tokens/s | "
               f"final train loss {result['final_train_loss']} | final eval loss {result['final_eval_loss']} | "
+              f"exact match {result['final_exact_match']} | "
+              f"round / slowest client's training (rounds 2+) {result['mean_round_over_slowest_train_after_first']:.2f} | "
               f"{result['bytes_total'] / 1e6:.3f} MB in total")
     labels = list(report["variants"])
     first, last = report["variants"][labels[0]], report["variants"][labels[-1]]
@@ -131,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{first['mean_round_s_after_first'] / cached:.2f}x with the disk cache")
         report["speedup_rounds_after_first"] = {"kept": round(ratio, 3),
                                                 "disk_cache": round(first["mean_round_s_after_first"] / cached, 3)}
+    elif args.compare == "padding":
+        for label in labels[1:]:
+            speedup = report["variants"][label]["mean_tokens_per_s"] / first["mean_tokens_per_s"]
+            print(f"  {label}: {speedup:.2f}x the tokens/s of {labels[0]}")
     else:
         print(f"  bytes: {labels[-1]} sends {last['bytes_total'] / first['bytes_total']:.3f}x of {labels[0]}")
 

@@ -110,6 +110,9 @@ class LoraRounds:
             bytes_up=sum(r.content[ARRAYS].count_bytes() for r in replies if not r.has_error()
                          and isinstance(r.content.get(ARRAYS), ArrayRecord)),
         )
+        if valid:
+            # A round waits for its slowest client; the mean in the aggregated metrics hides it.
+            stats["time_train_slowest_s"] = max(float(r.content[METRICS].get("time-train-s", 0.0)) for r in valid)
         if len(valid) < self.min_train_replies:
             stats["kept_previous_adapter"] = True
             log(WARNING, "Round %d: %d valid replies, fewer than strategy.min-train-replies=%d: "
