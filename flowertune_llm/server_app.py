@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flowertune_llm.client.data import check_dataset_source
 from flowertune_llm.client.model import build_adapter_skeleton, load_model_config, load_tokenizer
 from flowertune_llm.client.preflight import check_training_data
-from flowertune_llm.client.training import cosine_learning_rate
+from flowertune_llm.client.training import check_flattened_batches, cosine_learning_rate
 from flowertune_llm.server.evaluator import ServerEvaluator
 from flowertune_llm.server.results import RunRecorder, run_folder
 from flowertune_llm.server.resume import find_resume_point
@@ -43,10 +43,12 @@ def main(grid: Grid, context: Context) -> None:
     check_dataset_source(config.dataset.name)
     load_model_config(config.model)
     check_training_data(config, load_tokenizer(config.model))
+    skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
+    # Padding-free batches are the default: a model that cannot keep their examples apart stops here.
+    check_flattened_batches(skeleton, config.train)
     resume = find_resume_point(config) if config.train.resume_from else None
     folder = resume.folder if resume else run_folder(config.results, config)
     evaluator = ServerEvaluator(config) if config.evaluate.server_dataset else None
-    skeleton = build_adapter_skeleton(config.model, seed=config.train.seed)
     recorder = RunRecorder(folder, config, skeleton, earlier_rounds=resume.rounds if resume else None)
     rounds_done = resume.round if resume else 0
     global_adapter = resume.arrays if resume else to_array_record(adapter_state(skeleton))

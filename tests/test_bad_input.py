@@ -118,6 +118,21 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 
 
 
+@pytest.mark.parametrize("key", ["train.padding-free", "train.packing"])
+def test_a_model_that_would_mix_flattened_examples_stops_the_run_before_any_folder(tmp_path, monkeypatch, key):
+    # As a model whose attention is not one that keeps a flattened row's examples apart (remote
+    # code, flex attention): here the built-in model's sdpa is taken off the accepted list.
+    from flowertune_llm.client import training
+
+    monkeypatch.setattr(training, "FLATTENED_ATTENTION", ("eager",))
+    run_config = default_run_config(**{"results.dir": str(tmp_path / "results"), "train.padding-free": False, key: True})
+    with pytest.raises(training.FlattenedAttentionError) as refused:
+        server_app.main(None, Context(run_id=1, node_id=0, node_config={}, state=None, run_config=run_config))
+    assert f"{key} = true" in str(refused.value) and "'sdpa'" in str(refused.value)
+    assert f"Set {key} = false" in str(refused.value)
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("key, value, package", [
     ("results.tensorboard", True, "tensorboard"),
     ("results.wandb-project", "my-project", "wandb"),

@@ -120,6 +120,12 @@ def check_flattened_attention(base: PreTrainedModel, key: str) -> None:
     )
 
 
+def check_flattened_batches(model: PeftModel, settings: TrainSettings) -> None:
+    """Raise if `settings` ask for padding-free or packed batches whose examples `model` would mix."""
+    if settings.padding_free or settings.packing:
+        check_flattened_attention(model.get_base_model(), "train.packing" if settings.packing else "train.padding-free")
+
+
 @contextmanager
 def flattened_batches(model: PeftModel, settings: TrainSettings) -> Iterator[None]:
     """Within the block, `model` trains on padding-free or packed batches if `settings` ask for them.
@@ -130,8 +136,8 @@ def flattened_batches(model: PeftModel, settings: TrainSettings) -> Iterator[Non
     if not (settings.padding_free or settings.packing):
         yield
         return
+    check_flattened_batches(model, settings)
     base = model.get_base_model()
-    check_flattened_attention(base, "train.packing" if settings.packing else "train.padding-free")
     # trl passes use_cache=False to every forward; with a KV cache transformers would not separate
     # the examples, so the model's default says so too (generation asks for the cache per call).
     base.config.use_cache = False
