@@ -58,7 +58,7 @@ CASES: list[Case] = [
     # Config values: wrong type, out of range, unknown.
     ("quantization-3", lambda t: {"model.quantization": 3}, ConfigError, "model.quantization must be 4 or 8"),
     ("rounds-0", lambda t: {"num-server-rounds": 0}, ConfigError, "num-server-rounds must be >= 1, got 0"),
-    ("lr-min-above-max", lambda t: {"train.learning-rate-min": 1.0}, ConfigError, "train.learning-rate-min must be in [0, train.learning-rate-max=0.01]"),
+    ("lr-min-above-max", lambda t: {"train.learning-rate-min": 1.0}, ConfigError, "train.learning-rate-min must be in [0, train.learning-rate-max=0.005]"),
     ("rank-as-text", lambda t: {"model.lora.r": "sixteen"}, ConfigError, "model.lora.r must be an integer, got 'sixteen'"),
     ("remote-code-as-text", lambda t: {"model.trust-remote-code": "yes"}, ConfigError, "model.trust-remote-code must be true or false"),
     ("optimizer-typo", lambda t: {"train.optimizer": "adamw_torh"}, ConfigError, "closest: adamw_torch"),

@@ -56,10 +56,10 @@ def test_target_modules_list():
     assert parse_config(default_run_config(**{"model.lora.target-modules": "peft-default"})).model.lora.target_module_list is None
 
 
-def test_padding_free_and_packing_are_off_by_default_and_parse_as_booleans(config):
-    assert config.train.padding_free is False and config.train.packing is False
-    turned_on = parse_config(default_run_config(**{"train.padding-free": True, "train.packing": True}))
-    assert turned_on.train.padding_free is True and turned_on.train.packing is True
+def test_padding_free_is_on_and_packing_off_by_default_and_both_parse_as_booleans(config):
+    assert config.train.padding_free is True and config.train.packing is False
+    switched = parse_config(default_run_config(**{"train.padding-free": False, "train.packing": True}))
+    assert switched.train.padding_free is False and switched.train.packing is True
 
 
 def test_integer_accepted_for_float_key():
@@ -89,7 +89,7 @@ BAD_VALUES = [
     ("train.seq-length", 8, "train.seq-length must be >= 16, got 8"),
     ("train.learning-rate-max", 0.0, "train.learning-rate-max must be > 0, got 0.0"),
     ("train.learning-rate-max", float("nan"), "train.learning-rate-max must be > 0, got nan"),
-    ("train.learning-rate-min", 1.0, "train.learning-rate-min must be in [0, train.learning-rate-max=0.01], got 1.0"),
+    ("train.learning-rate-min", 1.0, "train.learning-rate-min must be in [0, train.learning-rate-max=0.005], got 1.0"),
     ("train.batch-size", 0, "train.batch-size must be >= 1, got 0"),
     ("train.gradient-accumulation-steps", 0, "train.gradient-accumulation-steps must be >= 1, got 0"),
     ("train.max-steps", -5, "train.max-steps must be >= 1, got -5"),

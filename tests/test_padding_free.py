@@ -27,8 +27,9 @@ RESPONSE_HEADER = ALPACA_WITHOUT_INPUT.rsplit("{instruction}", 1)[1]  # "\n\n###
 
 
 def _config(**overrides):
-    # No LoRA dropout: a padded and a flattened batch would draw different dropout masks.
-    return parse_config(default_run_config(**{"model.lora.dropout": 0.0, **overrides}))
+    # No LoRA dropout: a padded and a flattened batch would draw different dropout masks. Padded
+    # batches unless asked otherwise (the app's default is padding-free).
+    return parse_config(default_run_config(**{"model.lora.dropout": 0.0, "train.padding-free": False, **overrides}))
 
 
 def _trainer(model, tokenizer, config, data, output_dir):
