@@ -195,11 +195,16 @@ def _log_device_once(description: str) -> None:
     log(INFO, "This ClientApp trains on %s", description)
 
 
-def prepare_client_device(expect_gpu: str) -> TrainingDevice:
-    """Check this client's device as configured, cap its GPU memory to its Ray share, and return it."""
+def prepare_client_device(expect_gpu: str, num_devices: int = 1) -> TrainingDevice:
+    """Check this client's device as configured, cap its GPU memory to its Ray share, and return it.
+
+    With `num_devices` > 1 the client trains in one worker process per GPU (client/multi_device.py),
+    so it may see several.
+    """
     device = training_device()
     check_expected_gpu(device, expect_gpu)
-    check_one_gpu()
+    if num_devices == 1:
+        check_one_gpu()
     check_bf16(device)
     cap_memory_to_ray_share()
     _log_device_once(device.describe())
