@@ -5,6 +5,11 @@ train the adapter one process would with the same global batch, a failing worker
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import psutil
 import pytest
@@ -12,7 +17,7 @@ import torch
 
 from flowertune_llm.shared.settings import ConfigError, for_node, parse_config, parse_node_config
 
-from conftest import default_run_config
+from conftest import REPO_ROOT, default_run_config
 
 
 @pytest.mark.parametrize("value", [0, -1, "two", 3])
@@ -136,3 +141,73 @@ def test_workers_past_the_round_timeout_are_killed_and_the_round_fails():
     with pytest.raises(MultiDeviceError, match=r"strategy.round-timeout=3 s"):
         train_on_devices(config, data, received, RoundJob(1e-2, seed=1), timeout_s=3)
     assert not _no_children_left()
+
+
+def _workers(rank: str | None = None) -> list[psutil.Process]:
+    """Return this machine's worker processes of multi_device launches (rank `rank` only, if given), torchrun excluded."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "flowertune_llm.client.multi_device" not in command or "torch.distributed.run" in command:
+            continue
+        try:
+            if rank is None or process.environ().get("RANK") == rank:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _kill_when_started(rank: str, stop: threading.Event) -> None:
+    """SIGKILL the worker of rank `rank` as soon as it runs."""
+    while not stop.is_set():
+        for worker in _workers(rank):
+            worker.kill()
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+def test_a_killed_worker_fails_the_round_with_the_signal_and_leaves_no_process():
+    from flowertune_llm.client.multi_device import MultiDeviceError, RoundJob, train_on_devices
+
+    config, data, received = _setup()
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_when_started, args=("1", stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(MultiDeviceError, match=r"(?s)torchrun exited with code 1.*SIGKILL"):
+            train_on_devices(config, data, received, RoundJob(1e-2, seed=1), timeout_s=600)
+    finally:
+        stop.set()
+        killer.join()
+    assert not _no_children_left()
+
+
+@pytest.mark.integration
+def test_workers_stop_when_the_client_process_is_killed(tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(
+        "from test_multi_device import _setup\n"
+        "from flowertune_llm.client.multi_device import RoundJob, train_on_devices\n"
+        "config, data, received = _setup(**{'train.max-steps': 1000})\n"
+        "train_on_devices(config, data, received, RoundJob(1e-2, seed=1), timeout_s=600)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
+    client = subprocess.Popen([sys.executable, str(script)], env=environment, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_workers()) < 2 and time.monotonic() < deadline and client.poll() is None:
+            time.sleep(0.5)
+        assert len(_workers()) == 2, "the workers did not start"
+    finally:
+        client.kill()
+        client.wait()
+    deadline = time.monotonic() + 60
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _workers()
+    for worker in left:
+        worker.kill()
+    assert not left

@@ -16,7 +16,8 @@ them as the one-device path does.
 
 A worker that raises or dies fails the round: torchrun stops the others, and the client raises
 with the failing worker's traceback. The whole session is killed when the client gives up
-(`strategy.round-timeout`: a later reply would be dropped anyway) or fails, so no worker outlives it.
+(`strategy.round-timeout`: a later reply would be dropped anyway) or fails, so no worker outlives it;
+a client process that dies outright takes torchrun (and so its workers) with it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ def _worker_environment(num_devices: int) -> dict[str, str]:
     return environment
 
 
+def _stop_with_parent() -> None:
+    """In the child before torchrun starts: SIGTERM it when the client process dies (Linux; elsewhere nothing).
+
+    A client killed outright (Ray stopping an actor, a SuperNode killed) cannot kill the session
+    itself; torchrun stops its workers on SIGTERM.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _kill_session(process: subprocess.Popen) -> None:
     """Kill every process of the workers' session (torchrun and its workers), whatever state they are in."""
     try:
@@ -118,13 +132,17 @@ def _kill_session(process: subprocess.Popen) -> None:
 
 
 def _failure(job: Path, num_devices: int, returncode: int | None) -> str:
-    """Return the workers' failure in words: the first failing worker's traceback, else the log's end."""
+    """Return the workers' failure in words: the first failing worker's traceback, and torchrun's summary.
+
+    torchrun's summary (the end of the log) names a worker killed by a signal, which leaves no traceback.
+    """
+    log = (job / _LOG).read_text(errors="replace") if (job / _LOG).is_file() else ""
+    summary = f"torchrun exited with code {returncode}; the workers' log ends:\n{log[-1500:].strip()}"
     for rank in range(num_devices):
         error = job / _ERROR.format(rank=rank)
         if error.is_file():
-            return f"worker {rank} of {num_devices} failed:\n{error.read_text().strip()}"
-    log = (job / _LOG).read_text(errors="replace") if (job / _LOG).is_file() else ""
-    return f"the workers exited with code {returncode} and left no traceback; their log ends:\n{log[-3000:]}"
+            return f"worker {rank} of {num_devices} failed:\n{error.read_text().strip()}\n{summary}"
+    return f"no worker left a traceback (killed?); {summary}"
 
 
 def train_on_devices(
@@ -144,7 +162,8 @@ def train_on_devices(
         with open(path / _LOG, "wb") as log:
             # A session of its own, so that one signal reaches torchrun and every worker.
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=_worker_environment(num_devices), start_new_session=True)
+                                       env=_worker_environment(num_devices), start_new_session=True,
+                                       preexec_fn=_stop_with_parent)
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
