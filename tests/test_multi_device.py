@@ -211,3 +211,22 @@ def test_workers_stop_when_the_client_process_is_killed(tmp_path):
     for worker in left:
         worker.kill()
     assert not left
+
+
+@pytest.mark.integration
+def test_a_simulated_client_trains_on_two_processes_and_replies_as_one(tmp_path):
+    import json
+
+    from flowertune_llm.tools.simulation import simulate
+
+    # One node, one round, no evaluation: the ClientApp runs in a Ray actor and starts its 2 workers.
+    simulate(default_run_config(**{
+        "num-server-rounds": 1, "train.num-devices": 2, "train.batch-size": 4, "train.max-steps": 2,
+        "strategy.fraction-evaluate": 0.0, "strategy.min-available-nodes": 1, "strategy.min-train-nodes": 1,
+        "strategy.min-evaluate-nodes": 1, "train.save-every-round": 0,
+        "results.dir": str(tmp_path), "results.run-name": "run",
+    }), num_supernodes=1)
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert [(r["train_replies"], r["train_failures"]) for r in rounds] == [(1, 0)]
+    assert rounds[0]["train_loss"] > 0 and rounds[0]["device"] == "cpu"
+    assert not _workers()
