@@ -67,6 +67,38 @@ def test_the_chunked_loss_is_refused_with_several_devices():
         parse_config(default_run_config(**{"train.num-devices": 2, "train.loss-chunk-tokens": 256}))
 
 
+def _fake_gpus(monkeypatch, count: int) -> None:
+    """Make torch.cuda report `count` H100s."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+
+
+def test_a_client_needs_a_gpu_per_device_and_may_see_several(monkeypatch):
+    from flowertune_llm.client.multi_device import MultiDeviceError, check_devices
+    from flowertune_llm.shared.devices import DeviceError, prepare_client_device
+
+    _fake_gpus(monkeypatch, 1)
+    with pytest.raises(MultiDeviceError, match=r"num-devices\) = 2, but this client sees 1 GPU"):
+        check_devices(2)
+    _fake_gpus(monkeypatch, 2)
+    check_devices(2)
+    assert prepare_client_device("off", num_devices=2).on_gpu
+    with pytest.raises(DeviceError, match="sees 2 GPUs"):
+        prepare_client_device("off")
+
+
+def test_training_on_several_devices_outside_their_worker_processes_is_refused(config, monkeypatch):
+    from flowertune_llm.client.training import train_adapter
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    settings = dataclasses.replace(config.train, num_devices=2)
+    with pytest.raises(RuntimeError, match="train.num-devices=2 but this process is one of 1"):
+        train_adapter(None, None, None, settings, learning_rate=1e-2, seed=1)
+
+
 # --- Two worker processes on the CPU (gloo) ------------------------------------------------------
 
 

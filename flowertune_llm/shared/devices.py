@@ -97,7 +97,9 @@ def check_one_gpu() -> None:
             f"this process sees {count} GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
             "trl trains a quantized model on one GPU per process. Start each SuperNode with one GPU "
             "(`CUDA_VISIBLE_DEVICES=0 flower-supernode ...`; the local deployment launcher does this), and "
-            "in simulation give each ClientApp at most one (client-resources-num-gpus <= 1)"
+            "in simulation give each ClientApp at most one (client-resources-num-gpus <= 1). Training on several "
+            "GPUs per client (train.num-devices / the node's num-devices > 1) runs in worker processes, but "
+            "evaluation does not yet: there set strategy.fraction-evaluate = 0"
         )
 
 
