@@ -1,7 +1,8 @@
 """ClientApp: train the received global LoRA adapter on this node's data, or evaluate it.
 
 Each message: build the quantized PEFT model (or reuse the one kept from the previous round),
-load the global adapter, run trl's SFT trainer on this node's data (its partition in simulation,
+load the global adapter (with `train.num-devices` > 1: in that many worker processes, data-parallel,
+see client/multi_device.py), run trl's SFT trainer on this node's data (its partition in simulation,
 its own `data-path` file in a deployment) for `train.max-steps` steps (with FedProx's proximal
 term when the server sends `proximal-mu`), reply with the new adapter, the loss and the round's
 timings. On the wire the reply carries the update, trained minus received, in the precision the
@@ -22,17 +23,17 @@ from flowertune_llm.client.data import load_client_data
 from flowertune_llm.client.exact_match import exact_match
 from flowertune_llm.client.kept_model import peft_model
 from flowertune_llm.client.model import load_tokenizer
+from flowertune_llm.client.multi_device import RoundJob, train_received_adapter
 from flowertune_llm.client.preflight import check_node_data
-from flowertune_llm.client.training import evaluate_loss, round_seed, train_adapter
+from flowertune_llm.client.training import evaluate_loss, round_seed
 from flowertune_llm.shared.adapters import (
-    adapter_state,
     from_array_record,
     load_adapter_state,
     send_update_mod,
     to_array_record,
 )
 from flowertune_llm.shared.answer_counts import to_metrics
-from flowertune_llm.shared.devices import loss_settings, prepare_client_device
+from flowertune_llm.shared.devices import prepare_client_device
 from flowertune_llm.shared.protocol import (
     ARRAYS,
     CONFIG,
@@ -83,26 +84,23 @@ def train(msg: Message, context: Context) -> Message:
     timer = PhaseTimer()
     config, node = _settings(context)
     # Before any model exists: the device checks (devices.py), and this message's memory peaks.
-    device = prepare_client_device(config.train.expect_gpu)
+    device = prepare_client_device(config.train.expect_gpu, config.train.num_devices)
     reset_peak_memory()
     with timer.phase("data"):
         check_node_data(node)
         train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
-    model = _model_with_global_adapter(config, msg, timer)
     round_config = msg.content[CONFIG]
-    with timer.phase("train"):
-        outcome = train_adapter(
-            model,
-            load_tokenizer(config.model),
-            train_data,
-            loss_settings(config.train, device),
-            learning_rate=float(round_config[LEARNING_RATE]),
-            seed=round_seed(config.train.seed, int(round_config[RUN_ROUND]), node.seed_offset),
-            proximal_mu=float(round_config.get(PROXIMAL_MU, 0.0)),
-        )
+    job = RoundJob(
+        learning_rate=float(round_config[LEARNING_RATE]),
+        seed=round_seed(config.train.seed, int(round_config[RUN_ROUND]), node.seed_offset),
+        proximal_mu=float(round_config.get(PROXIMAL_MU, 0.0)),
+    )
+    # In this process on one device; in a worker process per device on several (multi_device.py).
+    trained, outcome = train_received_adapter(config, train_data, from_array_record(msg.content[ARRAYS]), job,
+                                              device, timer)
     with timer.phase("serialize"):
         # Whole float32 adapter; `send_update_mod` turns it into the update in transfer precision.
-        arrays = to_array_record(adapter_state(model))
+        arrays = to_array_record(trained)
     metrics = MetricRecord({
         TRAIN_LOSS: outcome.loss,
         NUM_EXAMPLES: len(train_data),

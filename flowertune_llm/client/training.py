@@ -12,6 +12,7 @@ SDPA per example (`per_example_attention`).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -61,7 +62,9 @@ def sft_config(
         # loss is taken over the same batches whatever the setting, so it stays comparable.
         packing=settings.packing,
         eval_packing=False,
-        per_device_train_batch_size=settings.batch_size,
+        # With train.num-devices = N, each of the N processes takes batch_size / N examples of every
+        # micro-batch (multi_device.py): the optimizer step still sees batch_size x accumulation.
+        per_device_train_batch_size=settings.per_device_batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_steps=settings.max_steps,
@@ -84,6 +87,11 @@ def sft_config(
         dataloader_num_workers=0,
         # Counted for the tokens/s figure in metrics.json; padding is not work done.
         include_num_input_tokens_seen="non_padding",
+        # Several processes (multi_device.py): gloo on the CPU, nccl between GPUs (None: one process;
+        # accelerate would look for a process group). Every LoRA weight gets a gradient at every
+        # step, so DDP need not search the graph for unused ones.
+        ddp_backend=None if settings.num_devices == 1 else "nccl" if torch.cuda.is_available() else "gloo",
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -289,6 +297,12 @@ def train_adapter(
     `compute_loss_func` (transformers' hook, given the full logits) replaces that, as the memory
     report does to measure what the fused head saves.
     """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != settings.num_devices:
+        raise RuntimeError(
+            f"train.num-devices={settings.num_devices} but this process is one of {world_size}: training on several "
+            "devices runs in processes that multi_device.train_on_devices starts"
+        )
     with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-train-") as output_dir:
         trainer = _trainer(
             model, tokenizer, settings, learning_rate, seed, output_dir, train_data=train_data,

@@ -97,7 +97,9 @@ def check_one_gpu() -> None:
             f"this process sees {count} GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
             "trl trains a quantized model on one GPU per process. Start each SuperNode with one GPU "
             "(`CUDA_VISIBLE_DEVICES=0 flower-supernode ...`; the local deployment launcher does this), and "
-            "in simulation give each ClientApp at most one (client-resources-num-gpus <= 1)"
+            "in simulation give each ClientApp at most one (client-resources-num-gpus <= 1). Training on several "
+            "GPUs per client (train.num-devices / the node's num-devices > 1) runs in worker processes, but "
+            "evaluation does not yet: there set strategy.fraction-evaluate = 0"
         )
 
 
@@ -195,11 +197,16 @@ def _log_device_once(description: str) -> None:
     log(INFO, "This ClientApp trains on %s", description)
 
 
-def prepare_client_device(expect_gpu: str) -> TrainingDevice:
-    """Check this client's device as configured, cap its GPU memory to its Ray share, and return it."""
+def prepare_client_device(expect_gpu: str, num_devices: int = 1) -> TrainingDevice:
+    """Check this client's device as configured, cap its GPU memory to its Ray share, and return it.
+
+    With `num_devices` > 1 the client trains in one worker process per GPU (client/multi_device.py),
+    so it may see several.
+    """
     device = training_device()
     check_expected_gpu(device, expect_gpu)
-    check_one_gpu()
+    if num_devices == 1:
+        check_one_gpu()
     check_bf16(device)
     cap_memory_to_ray_share()
     _log_device_once(device.describe())

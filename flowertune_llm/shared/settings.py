@@ -114,6 +114,15 @@ class TrainSettings:
     # trl's packing: short examples bin-packed into rows of `seq_length` tokens, `batch_size` rows per
     # step, so a step holds more examples than `batch_size` (and the batches are padding-free too).
     packing: bool = MISSING
+    # Processes (one per device: GPU, or CPU process) a client trains with, data-parallel (DDP):
+    # each trains batch_size / num_devices examples of every micro-batch. A node's `num-devices`
+    # node config overrides it (multi_device.py).
+    num_devices: int = MISSING
+
+    @property
+    def per_device_batch_size(self) -> int:
+        """Return the examples each device trains per micro-batch."""
+        return self.batch_size // self.num_devices
 
 
 @dataclass
@@ -308,6 +317,7 @@ def _check_values(config: AppConfig) -> list[str]:
             "train.learning-rate-min", train.learning_rate_min,
             f"in [0, train.learning-rate-max={train.learning_rate_max}]")
     require(train.batch_size >= 1, "train.batch-size", train.batch_size, ">= 1")
+    problems += _check_num_devices(train.num_devices, train, "train.num-devices")
     require(train.gradient_accumulation_steps >= 1, "train.gradient-accumulation-steps",
             train.gradient_accumulation_steps, ">= 1")
     require(train.max_steps >= 1, "train.max-steps", train.max_steps, ">= 1")
@@ -364,6 +374,21 @@ def _check_values(config: AppConfig) -> list[str]:
     if optimizer_problem:
         problems.append(optimizer_problem)
     return problems
+
+
+def _check_num_devices(num_devices: Any, train: TrainSettings, key: str) -> list[str]:
+    """Return the problems with `num_devices` (set by `key`) for the training settings `train`."""
+    batch_size = train.batch_size
+    divisors = [n for n in range(1, batch_size + 1) if batch_size % n == 0] if batch_size >= 1 else []
+    if not (isinstance(num_devices, int) and not isinstance(num_devices, bool) and num_devices in divisors):
+        return [f"{key} must be an integer that divides train.batch-size={batch_size} (each device trains "
+                f"batch-size / num-devices examples per micro-batch), so one of {', '.join(map(str, divisors))}; "
+                f"got {num_devices!r}"]
+    # The chunked loss runs the backbone outside the model's forward, which DDP needs to all-reduce.
+    if num_devices > 1 and train.loss_chunk_tokens:
+        return [f"train.loss-chunk-tokens must be 0 with {key}={num_devices} (the chunked loss bypasses the "
+                f"forward pass that data-parallel training synchronises through), got {train.loss_chunk_tokens}"]
+    return []
 
 
 def _check_strategy(config: AppConfig) -> list[str]:
@@ -496,22 +521,26 @@ def _one_message(problems: list[str]) -> str:
 # --- Node config: what a node sets for itself ---------------------------------------------------
 # The simulation engine gives every virtual SuperNode `partition-id` and `num-partitions`. A real
 # SuperNode is a data owner: it names its own data file, and may name a folder on its disk for the
-# quantized-base cache: `flower-supernode --node-config "data-path='...' quantized-cache-dir='...'"`.
+# quantized-base cache: `flower-supernode --node-config "data-path='...' quantized-cache-dir='...'"`,
+# and how many devices it trains on (`num-devices=2`: two GPUs, data-parallel; multi_device.py).
 
 DATA_PATH_KEY = "data-path"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 QUANTIZED_CACHE_DIR_KEY = "quantized-cache-dir"
+NUM_DEVICES_KEY = "num-devices"
 
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """What a node's config sets: its own data (`data_path`, else a slice of dataset.name), its cache folder."""
+    """What a node's config sets: its own data (`data_path`, else a slice of dataset.name), its cache folder, devices."""
 
     data_path: str = ""
     partition_id: int = 0
     num_partitions: int = 1
     quantized_cache_dir: str = ""
+    # None: the run's train.num-devices.
+    num_devices: int | None = None
 
     @property
     def seed_offset(self) -> int:
@@ -533,10 +562,17 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
 
     `data-path` gives the node its own local file or folder (deployment); `partition-id` and
     `num-partitions` pick a slice of it, or of `dataset.name` when there is no `data-path` (simulation).
-    `quantized-cache-dir` sets `model.quantized-cache-dir` for this node only.
+    `quantized-cache-dir` sets `model.quantized-cache-dir` and `num-devices` `train.num-devices` for this
+    node only (whether it divides the batch size is checked by `for_node`, which knows it).
     """
     data_path = _node_string(node_config, DATA_PATH_KEY)
     cache_dir = _node_string(node_config, QUANTIZED_CACHE_DIR_KEY)
+    num_devices = node_config.get(NUM_DEVICES_KEY)
+    if num_devices is not None and (isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1):
+        raise ConfigError(
+            f"node config: {NUM_DEVICES_KEY} must be an integer >= 1 (the devices this node trains on, one "
+            f"process each, e.g. `--node-config \"{NUM_DEVICES_KEY}=2\"`), got {num_devices!r}"
+        )
     has_partition = PARTITION_ID_KEY in node_config or NUM_PARTITIONS_KEY in node_config
     if not data_path and not has_partition:
         raise ConfigError(
@@ -546,7 +582,7 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
             f"got {dict(node_config)}"
         )
     if not has_partition:
-        return NodeSettings(data_path=data_path, quantized_cache_dir=cache_dir)
+        return NodeSettings(data_path=data_path, quantized_cache_dir=cache_dir, num_devices=num_devices)
     try:
         partition_id = node_config[PARTITION_ID_KEY]
         num_partitions = node_config[NUM_PARTITIONS_KEY]
@@ -562,14 +598,22 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
         raise ConfigError(
             f"node config: {PARTITION_ID_KEY} must be in [0, {NUM_PARTITIONS_KEY}={num_partitions}), got {partition_id}"
         )
-    return NodeSettings(data_path, partition_id, num_partitions, cache_dir)
+    return NodeSettings(data_path, partition_id, num_partitions, cache_dir, num_devices)
 
 
 def for_node(config: AppConfig, node: NodeSettings) -> AppConfig:
-    """Return the run's settings as this node applies them: its own data file and cache folder, if set."""
-    dataset, model = config.dataset, config.model
+    """Return the run's settings as this node applies them: its own data file, cache folder and devices, if set.
+
+    Raises `ConfigError` when the node's `num-devices` does not divide train.batch-size.
+    """
+    dataset, model, train = config.dataset, config.model, config.train
     if node.data_path:
         dataset = dataclasses.replace(dataset, name=node.data_path)
     if node.quantized_cache_dir:
         model = dataclasses.replace(model, quantized_cache_dir=node.quantized_cache_dir)
-    return dataclasses.replace(config, dataset=dataset, model=model)
+    if node.num_devices is not None:
+        problems = _check_num_devices(node.num_devices, train, f"node config: {NUM_DEVICES_KEY}")
+        if problems:
+            raise ConfigError(problems[0])
+        train = dataclasses.replace(train, num_devices=node.num_devices)
+    return dataclasses.replace(config, dataset=dataset, model=model, train=train)
