@@ -11,10 +11,13 @@ differential privacy, Flower's clipping mod clips the update inside it (`clippin
 
 from __future__ import annotations
 
+from logging import WARNING
+
 import datasets
 import transformers
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from peft import PeftModel
 
 from flowertune_llm.client.clipping import clipping_mod
@@ -37,12 +40,14 @@ from flowertune_llm.shared.protocol import (
     ARRAYS,
     CONFIG,
     EVAL_LOSS,
+    EVALUATE_RECEIVED,
     LEARNING_RATE,
     METRICS,
     NUM_EXAMPLES,
     PROXIMAL_MU,
     RUN_ROUND,
     TRAIN_LOSS,
+    with_received_evaluation,
 )
 from flowertune_llm.shared.settings import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
 from flowertune_llm.shared.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
@@ -76,9 +81,23 @@ def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTime
     return model
 
 
+def _evaluation(model: PeftModel, tokenizer, eval_data, config: AppConfig, timer: PhaseTimer) -> dict:
+    """Return the model's held-out loss and exact-match counts on `eval_data`, as an evaluate reply's metrics."""
+    with timer.phase("eval-loss"):
+        eval_loss = evaluate_loss(model, tokenizer, eval_data, config.train)
+    with timer.phase("exact-match"):
+        counts = exact_match(model, tokenizer, eval_data, config.evaluate.exact_match_examples,
+                             config.evaluate.max_new_tokens, batch_size=config.train.batch_size)
+    return {EVAL_LOSS: eval_loss, NUM_EXAMPLES: len(eval_data), **to_metrics(counts)}
+
+
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
-    """Fine-tune the global adapter locally and return it with the training loss."""
+    """Fine-tune the global adapter locally and return it with the training loss.
+
+    With `evaluate.on-receipt` the server may ask (EVALUATE_RECEIVED) for the received adapter's
+    evaluation first: the same figures the evaluate handler computes, in the same reply.
+    """
     _quiet_progress_bars()
     timer = PhaseTimer()
     config, node = _settings(context)
@@ -87,13 +106,23 @@ def train(msg: Message, context: Context) -> Message:
     reset_peak_memory()
     with timer.phase("data"):
         check_node_data(node)
-        train_data, _ = load_client_data(config.dataset, node.partition_id, node.num_partitions)
+        train_data, eval_data = load_client_data(config.dataset, node.partition_id, node.num_partitions)
     model = _model_with_global_adapter(config, msg, timer)
+    tokenizer = load_tokenizer(config.model)
     round_config = msg.content[CONFIG]
+    evaluation: dict = {}
+    if round_config.get(EVALUATE_RECEIVED, False):
+        if eval_data is None or len(eval_data) == 0:
+            # The server counts the missing evaluation as rejected; the training still counts.
+            log(WARNING, "dataset.validation-fraction leaves this node no held-out examples: "
+                "the received adapter is not evaluated")
+        else:
+            eval_timer = PhaseTimer()
+            evaluation = {**_evaluation(model, tokenizer, eval_data, config, eval_timer), **eval_timer.metrics()}
     with timer.phase("train"):
         outcome = train_adapter(
             model,
-            load_tokenizer(config.model),
+            tokenizer,
             train_data,
             loss_settings(config.train, device),
             learning_rate=float(round_config[LEARNING_RATE]),
@@ -103,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
     with timer.phase("serialize"):
         # Whole float32 adapter; `send_update_mod` turns it into the update in transfer precision.
         arrays = to_array_record(adapter_state(model))
-    metrics = MetricRecord({
+    metrics = MetricRecord(with_received_evaluation({
         TRAIN_LOSS: outcome.loss,
         NUM_EXAMPLES: len(train_data),
         "train-tokens-per-s": outcome.tokens / max(timer.seconds["train"], 1e-9),
@@ -111,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
         **peak_memory_metrics(),
         # 1 on a CUDA GPU, 0 on the CPU; the round's mean says where its clients trained (metrics.json `device`).
         "trained-on-gpu": float(device.on_gpu),
-    })
+    }, evaluation))
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
 
@@ -127,12 +156,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
     timer = PhaseTimer()
     model = _model_with_global_adapter(config, msg, timer)
-    tokenizer = load_tokenizer(config.model)
-    with timer.phase("eval-loss"):
-        eval_loss = evaluate_loss(model, tokenizer, eval_data, config.train)
-    with timer.phase("exact-match"):
-        counts = exact_match(model, tokenizer, eval_data, config.evaluate.exact_match_examples,
-                             config.evaluate.max_new_tokens, batch_size=config.train.batch_size)
-    metrics = MetricRecord({EVAL_LOSS: eval_loss, NUM_EXAMPLES: len(eval_data), **to_metrics(counts),
-                            **timer.metrics()})
+    evaluation = _evaluation(model, load_tokenizer(config.model), eval_data, config, timer)
+    metrics = MetricRecord({**evaluation, **timer.metrics()})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
