@@ -7,35 +7,24 @@ term when the server sends `proximal-mu`), reply with the new adapter, the loss 
 timings. On the wire the reply carries the update, trained minus received, in the precision the
 global adapter came in (`adapters.send_update_mod`, the outermost mod). With client-side
 differential privacy, Flower's clipping mod clips the update inside it (`clipping.clipping_mod`).
+
+Importing this module loads Flower and the settings only; each handler imports the client code it
+runs (torch, transformers, peft, trl behind it) when its message arrives. A deployment starts one
+process per message, so nothing is loaded that the message does not use, and a message that fails
+early (a node without data) fails before the training libraries are loaded.
 """
 
 from __future__ import annotations
 
 from logging import WARNING
+from typing import TYPE_CHECKING
 
-import datasets
-import transformers
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
-from peft import PeftModel
 
 from flowertune_llm.client.clipping import clipping_mod
-from flowertune_llm.client.data import load_client_data
-from flowertune_llm.client.exact_match import exact_match
-from flowertune_llm.client.kept_model import peft_model
-from flowertune_llm.client.model import load_tokenizer
-from flowertune_llm.client.preflight import check_node_data
-from flowertune_llm.client.training import evaluate_loss, round_seed, train_adapter
-from flowertune_llm.shared.adapters import (
-    adapter_state,
-    from_array_record,
-    load_adapter_state,
-    send_update_mod,
-    to_array_record,
-)
-from flowertune_llm.shared.answer_counts import to_metrics
-from flowertune_llm.shared.devices import loss_settings, prepare_client_device
 from flowertune_llm.shared.protocol import (
     ARRAYS,
     CONFIG,
@@ -50,9 +39,24 @@ from flowertune_llm.shared.protocol import (
     with_received_evaluation,
 )
 from flowertune_llm.shared.settings import AppConfig, NodeSettings, for_node, parse_config, parse_node_config
-from flowertune_llm.shared.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from flowertune_llm.shared.telemetry import PhaseTimer
 
 app = ClientApp()
+
+
+def send_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """`adapters.send_update_mod` (it needs torch, so it is imported with the first message)."""
+    from flowertune_llm.shared.adapters import send_update_mod as mod
+
+    return mod(msg, context, call_next)
+
+
 # Mods around the train handler, outermost first; `simulation.py` uses the same.
 TRAIN_MODS = [send_update_mod, clipping_mod]
 
@@ -62,6 +66,9 @@ def _quiet_progress_bars() -> None:
 
     Every client prints them for every message, burying the server's one-line round summaries.
     """
+    import datasets
+    import transformers
+
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
@@ -74,6 +81,9 @@ def _settings(context: Context) -> tuple[AppConfig, NodeSettings]:
 
 def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTimer) -> PeftModel:
     """Build (or reuse) the quantized PEFT model and load the global adapter the server sent."""
+    from flowertune_llm.client.kept_model import peft_model
+    from flowertune_llm.shared.adapters import from_array_record, load_adapter_state
+
     with timer.phase("base"):
         model = peft_model(config.model, reuse=config.model.reuse_base)
     with timer.phase("adapter-load"):
@@ -81,8 +91,14 @@ def _model_with_global_adapter(config: AppConfig, msg: Message, timer: PhaseTime
     return model
 
 
-def _evaluation(model: PeftModel, tokenizer, eval_data, config: AppConfig, timer: PhaseTimer) -> dict:
+def _evaluation(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, config: AppConfig, timer: PhaseTimer
+) -> dict:
     """Return the model's held-out loss and exact-match counts on `eval_data`, as an evaluate reply's metrics."""
+    from flowertune_llm.client.exact_match import exact_match
+    from flowertune_llm.client.training import evaluate_loss
+    from flowertune_llm.shared.answer_counts import to_metrics
+
     with timer.phase("eval-loss"):
         eval_loss = evaluate_loss(model, tokenizer, eval_data, config.train)
     with timer.phase("exact-match"):
@@ -98,6 +114,14 @@ def train(msg: Message, context: Context) -> Message:
     With `evaluate.on-receipt` the server may ask (EVALUATE_RECEIVED) for the received adapter's
     evaluation first: the same figures the evaluate handler computes, in the same reply.
     """
+    from flowertune_llm.client.data import load_client_data
+    from flowertune_llm.client.model import load_tokenizer
+    from flowertune_llm.client.preflight import check_node_data
+    from flowertune_llm.client.training import round_seed, train_adapter
+    from flowertune_llm.shared.adapters import adapter_state, to_array_record
+    from flowertune_llm.shared.devices import loss_settings, prepare_client_device
+    from flowertune_llm.shared.telemetry import PhaseTimer, peak_memory_metrics, reset_peak_memory
+
     _quiet_progress_bars()
     timer = PhaseTimer()
     config, node = _settings(context)
@@ -147,6 +171,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss and exact-match counts on this node's held-out share."""
+    from flowertune_llm.client.data import load_client_data
+    from flowertune_llm.client.model import load_tokenizer
+    from flowertune_llm.client.preflight import check_node_data
+    from flowertune_llm.shared.devices import prepare_client_device
+    from flowertune_llm.shared.telemetry import PhaseTimer
+
     _quiet_progress_bars()
     config, node = _settings(context)
     prepare_client_device(config.train.expect_gpu)
