@@ -19,7 +19,7 @@ from flowertune_llm import client_app, server_app
 from flowertune_llm.client.model import build_adapter_skeleton
 from flowertune_llm.server.results import RunRecorder
 from flowertune_llm.server.resume import find_resume_point
-from flowertune_llm.server.strategy import lora_strategy
+from flowertune_llm.server.strategy import build_strategy, lora_strategy
 from flowertune_llm.shared.adapters import adapter_state, to_array_record
 from flowertune_llm.shared.protocol import EVALUATE_RECEIVED, with_received_evaluation
 from flowertune_llm.shared.settings import ConfigError, parse_config
@@ -126,6 +126,16 @@ def test_a_train_reply_without_its_evaluation_still_trains_and_its_evaluation_is
     first, second = strategy.round_stats[1], strategy.round_stats[2]
     assert (first["eval_replies"], first["eval_rejected"], first["eval_loss"]) == (2, 1, 2.0)
     assert (second["train_replies"], second["train_rejected"]) == (2, 0)
+
+
+@pytest.mark.usefixtures("_as_server_app")
+def test_a_private_strategy_moves_evaluation_into_the_train_messages_too():
+    config = parse_config(default_run_config(**{
+        "evaluate.on-receipt": True, "privacy.differential-privacy": "client-adaptive",
+        "privacy.noise-multiplier": 0.1, "transfer.dtype": "float32"}))
+    strategy = build_strategy(config, learning_rate=lambda r: 0.1)
+    assert strategy.evaluate_on_receipt and strategy.last_round == config.num_server_rounds
+    assert list(strategy.configure_evaluate(1, to_array_record(GLOBAL), ConfigRecord(), Grid(2))) == []
 
 
 # --- The recorder: a round waits for its evaluation, also across a resume -----------------------
