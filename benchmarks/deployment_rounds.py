@@ -3,10 +3,9 @@
 Starts `flowertune deploy up` (flowertune_llm/tools/local_deployment.py: a SuperLink with TLS and
 SuperNode authentication, N SuperNodes with their own data files) in a scratch folder, with a private
 Flower home and free loopback ports, and runs `flwr run <checkout> remote-deployment --stream` once per
-variant. While a run goes on it watches the SuperNodes' process trees and counts the `flwr-clientapp`
-processes they start (each serves one message), and when each round's record appears in metrics.json.
-It prints, per round: wall time, processes started, and the clients' own phases (mean over nodes, from
-metrics.json); then stops every process it started, by PID.
+variant. It counts the `flwr-clientapp` processes the SuperNodes start during a run (each serves one
+message; their logs say "Start `flwr-clientapp` process") and prints, per round, the wall time and the
+clients' own phases (means over nodes, from metrics.json); then it stops every process it started, by PID.
 
     python benchmarks/deployment_rounds.py                          # 3 rounds: separate vs on-receipt
     python benchmarks/deployment_rounds.py --variants on-receipt --rounds 5 --run-config "train.max-steps=5"
@@ -28,8 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The baseline is another checkout's app with its defaults (it may predate evaluate.on-receipt).
@@ -61,70 +58,40 @@ def deploy(command: str, folder: Path, env: dict[str, str], supernodes: int) -> 
     return done.stdout
 
 
-def clientapps(supernode_pids: list[int]) -> dict[int, float]:
-    """Return the running `flwr-clientapp` processes under the SuperNodes: PID -> start time."""
-    found = {}
-    for pid in supernode_pids:
-        try:
-            children = psutil.Process(pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            continue
-        for child in children:
-            try:
-                if any("flwr-clientapp" in part for part in child.cmdline()[:2]):
-                    found[child.pid] = child.create_time()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    return found
+def clientapps_started(supernode_logs: list[Path]) -> int:
+    """Return how many `flwr-clientapp` processes the SuperNodes have started so far (from their logs)."""
+    return sum(log.read_text(errors="replace").count("Start `flwr-clientapp` process") for log in supernode_logs)
 
 
-def round_count(metrics: Path) -> int:
-    """Return how many round records metrics.json holds now (0 before it exists)."""
-    try:
-        return len(json.loads(metrics.read_text())["rounds"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def run_variant(
-    name: str, app: Path, run_config: str, scratch: Path, env: dict[str, str], supernode_pids: list[int]
-) -> dict:
-    """Run the app once through the deployment; return its rounds, process start times and wall time."""
+def run_variant(name: str, app: Path, run_config: str, scratch: Path, env: dict[str, str], logs: list[Path]) -> dict:
+    """Run the app once through the deployment; return its rounds, the processes it started and its wall time."""
     metrics = scratch / "results" / name / "metrics.json"
     settings = f"{run_config} results.dir='{scratch / 'results'}' results.run-name='{name}'"
     log = (scratch / f"{name}.log").open("w")
+    before = clientapps_started(logs)
     started = time.time()
-    run = subprocess.Popen(["flwr", "run", str(app), "remote-deployment", "--stream", "--run-config", settings],
-                           cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT)
-    processes: dict[int, float] = {}
-    round_seen: dict[int, float] = {}
-    while run.poll() is None:
-        processes.update(clientapps(supernode_pids))
-        count = round_count(metrics)
-        for number in range(len(round_seen) + 1, count + 1):
-            round_seen[number] = time.time()
-        time.sleep(0.25)
+    subprocess.run(["flwr", "run", str(app), "remote-deployment", "--stream", "--run-config", settings],
+                   cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.time() - started
     log.close()
     if not metrics.is_file():
         raise SystemExit(f"{name}: the run left no metrics.json; see {scratch / f'{name}.log'}")
     rounds = json.loads(metrics.read_text())["rounds"]
-    edges = [started] + [round_seen.get(r["round"], time.time()) for r in rounds]
-    per_round = [sum(edges[i] < t <= edges[i + 1] for t in processes.values()) for i in range(len(rounds))]
-    return {"rounds": rounds, "wall_s": wall, "processes": len(processes), "processes_per_round": per_round}
+    return {"rounds": rounds, "wall_s": wall, "processes": clientapps_started(logs) - before}
 
 
 def report(name: str, result: dict) -> None:
     """Print a variant's table: per round wall time, processes and the clients' phases."""
+    rounds = result["rounds"]
     print(f"\n{name}: {result['wall_s']:.0f} s for `flwr run` (ServerApp start included), "
-          f"{result['processes']} flwr-clientapp processes")
-    print("round | wall s | processes | " + " | ".join(p.removesuffix("_s").removeprefix("time_") for p in PHASES))
+          f"{result['processes']} flwr-clientapp processes ({result['processes'] / len(rounds):.1f} a round)")
+    print("round | wall s | " + " | ".join(p.removesuffix("_s").removeprefix("time_") for p in PHASES))
     previous = 0.0
-    for record, processes in zip(result["rounds"], result["processes_per_round"]):
+    for record in rounds:
         wall = record["elapsed_s"] - previous
         previous = record["elapsed_s"]
         phases = " | ".join(f"{record[p]:.1f}" if p in record else "-" for p in PHASES)
-        print(f"{record['round']:5d} | {wall:6.1f} | {processes:9d} | {phases}")
+        print(f"{record['round']:5d} | {wall:6.1f} | {phases}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,13 +115,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}; scratch {scratch}")
     print(deploy("up", folder, env, args.supernodes).strip())
     state = json.loads((folder / "deployment.json").read_text())
-    supernode_pids = [p["pid"] for p in state["processes"] if p["name"].startswith("supernode")]
+    logs = [Path(p["log"]) for p in state["processes"] if p["name"].startswith("supernode")]
     try:
         for name in variants:
             app = args.baseline.resolve() if name == "baseline" else REPO_ROOT
             run_config = f"num-server-rounds={args.rounds} {VARIANTS[name]} {args.run_config}".strip()
             print(f"\nflwr run {app} remote-deployment --run-config {shlex.quote(run_config)}", flush=True)
-            report(name, run_variant(name, app, run_config, scratch, env, supernode_pids))
+            report(name, run_variant(name, app, run_config, scratch, env, logs))
             print(f"load average now {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         print(deploy("down", folder, env, args.supernodes).strip())
