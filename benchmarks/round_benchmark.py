@@ -8,6 +8,7 @@ benchmarks/results/.
     python benchmarks/round_benchmark.py                      # base rebuilt vs disk cache vs kept
     python benchmarks/round_benchmark.py --compare transfer   # float32 vs bfloat16 adapters, 5 rounds
     python benchmarks/round_benchmark.py --compare padding    # padded vs padding-free vs packed batches
+    python benchmarks/round_benchmark.py --compare modes      # all of a round's modes side by side
     python benchmarks/round_benchmark.py --run-config "model.quantization=8" --rounds 4
 
 With one client per round (the `reuse` comparison) a round's time splits exactly into the client's
@@ -47,6 +48,14 @@ COMPARISONS = {
     "padding": ({"padded": {"train.padding-free": False, "train.packing": False},
                  "padding-free": {"train.padding-free": True, "train.packing": False},
                  "packed": {"train.padding-free": False, "train.packing": True}}, 2, {}),
+    # Every mode of a round side by side, on the default job: how batches are formed, where the
+    # held-out evaluation happens (its own messages, or in the next train message), how many
+    # processes train each client (data-parallel workers; on a CPU they share its cores).
+    "modes": ({"padded": {"train.padding-free": False},
+               "padding-free (default)": {},
+               "packed": {"train.padding-free": False, "train.packing": True},
+               "evaluate on receipt": {"evaluate.on-receipt": True},
+               "2 devices per client": {"train.num-devices": 2}}, 2, {}),
 }
 
 
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{first['mean_round_s_after_first'] / cached:.2f}x with the disk cache")
         report["speedup_rounds_after_first"] = {"kept": round(ratio, 3),
                                                 "disk_cache": round(first["mean_round_s_after_first"] / cached, 3)}
-    elif args.compare == "padding":
+    elif args.compare in ("padding", "modes"):
         for label in labels[1:]:
             speedup = report["variants"][label]["mean_tokens_per_s"] / first["mean_tokens_per_s"]
             print(f"  {label}: {speedup:.2f}x the tokens/s of {labels[0]}")

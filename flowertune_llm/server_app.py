@@ -7,7 +7,9 @@
   4. Each round: sample clients, send the global adapter and the round's learning rate,
      average the returned adapters with FedAvg (weighted by examples), evaluate on the
      clients' held-out data (and, if configured, the server's), record metrics, checkpoint, and
-     save the adapter when due.
+     save the adapter when due. With `evaluate.on-receipt`, a round's clients' evaluation comes
+     with the next round's train replies (and the last round's from one evaluate-only exchange), so
+     each round's record is completed one round later.
 """
 
 from __future__ import annotations
@@ -66,15 +68,19 @@ def main(grid: Grid, context: Context) -> None:
         ),
         round_offset=rounds_done,
     )
+    # A resumed run whose last round still waits for its evaluation has it done by the next round.
+    strategy.unevaluated_round = recorder.pending
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:  # Flower's call before the first round: nothing finished yet
             return
         run_round = strategy.run_round(server_round)
+        if recorder.pending is not None:  # this round's train messages evaluated its adapter
+            recorder.complete_round(strategy.round_stats[recorder.pending])
         stats = dict(strategy.round_stats.get(run_round, {}))
         if evaluator and evaluator.is_due(run_round):
             stats.update(evaluator.evaluate(arrays))
-        recorder.end_round(run_round, arrays, stats)
+        recorder.end_round(run_round, arrays, stats, evaluation_pending=strategy.evaluated_on_receipt(run_round))
         check_round_device(config.train.expect_gpu, run_round, recorder.rounds[-1].get("device"))
 
     if rounds_done < config.num_server_rounds:

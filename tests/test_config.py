@@ -104,6 +104,8 @@ BAD_VALUES = [
     ("strategy.round-timeout", 0, "strategy.round-timeout must be > 0 seconds, got 0.0"),
     ("evaluate.exact-match-examples", -1, "evaluate.exact-match-examples must be >= 0 (0 = no exact-match evaluation), got -1"),
     ("evaluate.max-new-tokens", 0, "evaluate.max-new-tokens must be >= 1"),
+    ("evaluate.on-receipt", "yes", "evaluate.on-receipt must be true or false, got 'yes'"),
+    ("evaluate.on-receipt", 1, "evaluate.on-receipt must be true or false, got 1"),
     ("results.dir", "", "results.dir must be a folder path"),
     ("results.run-name", "../elsewhere", "results.run-name must be empty"),
     ("results.tensorboard", "yes", "results.tensorboard must be true or false, got 'yes'"),

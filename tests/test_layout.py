@@ -76,19 +76,35 @@ def test_no_module_imports_from_a_higher_layer():
     assert upward == []
 
 
-def test_the_client_app_reaches_nothing_of_the_server_side():
+def _client_app_closure() -> set[str]:
+    """Return the package's modules a ClientApp process may load: its imports, at the top or in its handlers."""
     reached, queue = set(), ["flowertune_llm.client_app"]
     while queue:
         module = queue.pop()
         if module not in reached:
             reached.add(module)
             queue.extend(GRAPH[module])
+    return reached
+
+
+def test_the_client_app_reaches_nothing_of_the_server_side():
+    reached = _client_app_closure()
     server_side = sorted(m for m in reached if m.startswith(("flowertune_llm.server", "flowertune_llm.tools")))
     assert server_side == []
-    # And at run time: what importing the ClientApp really loads.
+    # And at run time: what the ClientApp and every module its handlers import really load.
+    modules = ", ".join(sorted(reached))
+    loaded = subprocess.run([sys.executable, "-c", (
+        f"import sys, {modules}; "
+        "print(sorted(m for m in sys.modules if m.startswith(('flowertune_llm.server', 'flowertune_llm.tools'))))")],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_importing_the_client_app_loads_no_training_library():
+    # A deployment starts a process per message: the handlers import what their message needs.
     loaded = subprocess.run([sys.executable, "-c", (
         "import sys, flowertune_llm.client_app; "
-        "print(sorted(m for m in sys.modules if m.startswith(('flowertune_llm.server', 'flowertune_llm.tools'))))")],
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'flwr_datasets') if m in sys.modules))")],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
     assert loaded.stdout.strip() == "[]"
 

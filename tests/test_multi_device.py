@@ -49,12 +49,15 @@ def test_the_client_refuses_a_bad_node_num_devices_before_loading_anything(monke
     from flwr.app import Context, Message, RecordDict
 
     from flowertune_llm import client_app
+    from flowertune_llm.client import data
+    from flowertune_llm.shared import devices
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the settings were checked")
 
-    monkeypatch.setattr(client_app, "load_client_data", no_work)
-    monkeypatch.setattr(client_app, "prepare_client_device", no_work)
+    # The handler imports what it runs when it runs (client_app.py), from these modules.
+    monkeypatch.setattr(data, "load_client_data", no_work)
+    monkeypatch.setattr(devices, "prepare_client_device", no_work)
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2, "num-devices": 5},
                       state=RecordDict(), run_config=default_run_config())
     msg = Message(RecordDict(), dst_node_id=1, message_type="train")
@@ -176,10 +179,16 @@ def test_workers_past_the_round_timeout_are_killed_and_the_round_fails():
 
 
 def _workers(rank: str | None = None) -> list[psutil.Process]:
-    """Return this machine's worker processes of multi_device launches (rank `rank` only, if given), torchrun excluded."""
+    """Return this test's worker processes of multi_device launches (rank `rank` only, if given), torchrun excluded.
+
+    Only this process's descendants: another test run on the machine has workers of its own.
+    """
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
         if "flowertune_llm.client.multi_device" not in command or "torch.distributed.run" in command:
             continue
         try:
@@ -203,7 +212,8 @@ def _kill_when_started(rank: str, stop: threading.Event) -> None:
 def test_a_killed_worker_fails_the_round_with_the_signal_and_leaves_no_process():
     from flowertune_llm.client.multi_device import MultiDeviceError, RoundJob, train_on_devices
 
-    config, data, received = _setup()
+    # Many steps: the worker is still training whenever the killer finds it.
+    config, data, received = _setup(**{"train.max-steps": 1000})
     stop = threading.Event()
     killer = threading.Thread(target=_kill_when_started, args=("1", stop), daemon=True)
     killer.start()
@@ -232,14 +242,20 @@ def test_workers_stop_when_the_client_process_is_killed(tmp_path):
         deadline = time.monotonic() + 300
         while len(_workers()) < 2 and time.monotonic() < deadline and client.poll() is None:
             time.sleep(0.5)
-        assert len(_workers()) == 2, "the workers did not start"
+        # Kept by PID: once the client is gone, a surviving worker is no longer a descendant of this test.
+        started = _workers()
+        assert len(started) == 2, "the workers did not start"
     finally:
         client.kill()
         client.wait()
+
+    def alive() -> list[psutil.Process]:
+        return [w for w in started if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
     deadline = time.monotonic() + 60
-    while _workers() and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = _workers()
+    left = alive()
     for worker in left:
         worker.kill()
     assert not left

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, load_from_disk
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from flowertune_llm.client.kept_model import peft_model
@@ -66,19 +67,22 @@ class RoundJob:
 
 def train_received_adapter(
     config: AppConfig, train_data: Dataset, received: dict[str, torch.Tensor], job: RoundJob, device: TrainingDevice,
-    timer: PhaseTimer,
+    timer: PhaseTimer, model: PeftModel | None = None,
 ) -> tuple[dict[str, torch.Tensor], LocalTraining]:
     """Train the received global adapter on this node's data: here on one device, in worker processes on several.
 
-    Returns the trained adapter (float32) and the outcome; the timer gets the phases it took.
+    `model`, if given, already holds the received adapter (it was just evaluated) and is trained on
+    one device instead of building another. Returns the trained adapter (float32) and the outcome;
+    the timer gets the phases it took.
     """
     if config.train.num_devices > 1:
         with timer.phase("train"):
             return train_on_devices(config, train_data, received, job, timeout_s=config.strategy.round_timeout)
-    with timer.phase("base"):
-        model = peft_model(config.model, reuse=config.model.reuse_base)
-    with timer.phase("adapter-load"):
-        load_adapter_state(model, received)
+    if model is None:
+        with timer.phase("base"):
+            model = peft_model(config.model, reuse=config.model.reuse_base)
+        with timer.phase("adapter-load"):
+            load_adapter_state(model, received)
     with timer.phase("train"):
         outcome = train_adapter(model, load_tokenizer(config.model), train_data, loss_settings(config.train, device),
                                 job.learning_rate, job.seed, job.proximal_mu)

@@ -13,6 +13,9 @@ Every file is written to a temporary name and renamed, so a killed run never lea
 file behind. metrics.json, then the trackers (flowertune_llm/server/tracking.py), then the checkpoint are
 written, so the checkpoint's round is never ahead of the metrics or the trackers; a resume drops any
 metrics record after the checkpoint's round.
+With `evaluate.on-receipt` a round's clients' evaluation arrives with the next round's train replies:
+its record is written (and checkpointed) without it, marked pending, and completed then; the
+trackers and the round line get it once complete. A resume after a pending round evaluates it first.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class RunRecorder:
     """Writes the results folder as rounds finish and logs one progress line per round.
 
     A new run (`earlier_rounds` None) creates the folder; a resumed one continues it, keeping the
-    records of the rounds it already finished.
+    records of the rounds it already finished. `pending` is the round whose record still waits for
+    its clients' evaluation (`evaluate.on-receipt`), if any: always the last one.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class RunRecorder:
         self.config = config
         self.skeleton = skeleton
         self.started = time.monotonic()
+        self.pending: int | None = None
         if earlier_rounds is None:
             self.rounds: list[dict[str, Any]] = []
             self.resumed_after: list[int] = []
@@ -115,29 +120,60 @@ class RunRecorder:
             self.resumed_after = [*previous.get("resumed-after-round", []), last_round]
             # Elapsed time goes on from where the interrupted run left it.
             self.started -= self.rounds[-1]["elapsed_s"] if self.rounds else 0.0
+            # Every evaluated round has `eval_sampled`, even one whose evaluations all failed.
+            if config.evaluate.on_receipt and self.rounds and "eval_sampled" not in self.rounds[-1]:
+                self.pending = self.rounds[-1]["round"]
         self._write_metrics()
-        self.trackers = open_trackers(folder, config, self.rounds)
+        complete = self.rounds if self.pending is None else self.rounds[:-1]
+        self.trackers = open_trackers(folder, config, complete)
 
-    def end_round(self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any]) -> None:
-        """Record a finished round: metrics, then checkpoint, then the adapter when due."""
-        record: dict[str, Any] = {"round": server_round, **stats}
+    def _derive(self, record: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
+        """Add the fields computed from a round's figures: device, perplexities, bytes so far."""
         device = round_device(record.get("trained_on_gpu"))
         if device is not None:
             record["device"] = device
         for loss in ("eval_loss", "server_eval_loss"):
             if loss in record:
                 record[loss.replace("loss", "perplexity")] = math.exp(min(record[loss], 50.0))
-        previous_total = self.rounds[-1].get("bytes_total", 0) if self.rounds else 0
+        previous_total = earlier[-1].get("bytes_total", 0) if earlier else 0
         record["bytes_total"] = previous_total + record.get("bytes_down", 0) + record.get("bytes_up", 0)
+
+    def end_round(
+        self, server_round: int, arrays: ArrayRecord, stats: dict[str, Any], evaluation_pending: bool = False
+    ) -> None:
+        """Record a finished round: metrics, then checkpoint, then the adapter when due.
+
+        `evaluation_pending`: the clients' evaluation of this round's adapter comes later
+        (`complete_round`); until then the trackers and the full round line wait for it.
+        """
+        record: dict[str, Any] = {"round": server_round, **stats}
+        self._derive(record, self.rounds)
         record["elapsed_s"] = round(time.monotonic() - self.started, 2)
         self.rounds.append(record)
         self._write_metrics()
-        for tracker in self.trackers:
-            tracker.log_round(record)
+        if not evaluation_pending:
+            for tracker in self.trackers:
+                tracker.log_round(record)
         save_checkpoint(self.folder, arrays, server_round)
         every = self.config.train.save_every_round
         if every and server_round % every == 0:
             self.save_adapter(arrays, f"adapter-round-{server_round:03d}")
+        if evaluation_pending:
+            self.pending = server_round
+            log(INFO, "%s | clients evaluate it in round %d", self.progress_line(record), server_round + 1)
+        else:
+            log(INFO, "%s", self.progress_line(record))
+
+    def complete_round(self, stats: dict[str, Any]) -> None:
+        """Add the pending round's evaluation (`stats`: the round's figures, evaluation included)."""
+        record = self.rounds[-1]
+        assert record["round"] == self.pending, (record["round"], self.pending)
+        record.update({key: value for key, value in stats.items() if key != "round"})
+        self._derive(record, self.rounds[:-1])
+        self.pending = None
+        self._write_metrics()
+        for tracker in self.trackers:
+            tracker.log_round(record)
         log(INFO, "%s", self.progress_line(record))
 
     def progress_line(self, record: dict[str, Any]) -> str:
@@ -192,6 +228,8 @@ class RunRecorder:
 
     def finish(self, arrays: ArrayRecord) -> Path:
         """Save the final global adapter, log the last round's exact match per task, return the folder."""
+        if self.pending is not None:  # nothing evaluated it (a resume that trains no further round)
+            self.complete_round({})
         for line in self.per_task_table():
             log(INFO, "%s", line)
         final = self.save_adapter(arrays, FINAL_ADAPTER)

@@ -8,13 +8,14 @@ the average, and a record of each round (clients sampled, replied, failed, rejec
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -22,7 +23,16 @@ from flowertune_llm.server.replies import check_evaluate_reply, check_train_repl
 from flowertune_llm.shared.adapters import apply_update, from_array_record, to_array_record, to_float32
 from flowertune_llm.shared.answer_counts import combine_counts, from_metrics, record_fields, without_per_task_keys
 from flowertune_llm.shared.flower_compat import superlink_node_id
-from flowertune_llm.shared.protocol import ARRAYS, EVAL_LOSS, LEARNING_RATE, METRICS, NUM_EXAMPLES, RUN_ROUND
+from flowertune_llm.shared.protocol import (
+    ARRAYS,
+    EVAL_LOSS,
+    EVALUATE_RECEIVED,
+    LEARNING_RATE,
+    METRICS,
+    NUM_EXAMPLES,
+    RUN_ROUND,
+    split_received_evaluation,
+)
 
 
 class LoraRounds:
@@ -35,7 +45,11 @@ class LoraRounds:
       the strategy aggregates whole float32 adapters and 16-bit rounding never touches a weight;
     - replies are checked before aggregation: a malformed one is logged and left out, and with
       fewer than `min_train_replies` valid ones the round keeps the previous global adapter;
-    - `round_stats[round]` keeps what happened: sampled, replied, failed, rejected, bytes, losses.
+    - `round_stats[round]` keeps what happened: sampled, replied, failed, rejected, bytes, losses;
+    - with `evaluate_on_receipt`, no evaluate messages until the last round: each train message asks
+      its node to evaluate the adapter it brings (the global adapter after the previous round), and
+      those figures go into the previous round's `round_stats`; the last round's adapter is
+      evaluated by evaluate messages as usual, after its training.
 
     Flower's server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM) keep the global arrays they
     were given in `configure_train` and step from them: those are the float32 arrays of the run,
@@ -51,6 +65,8 @@ class LoraRounds:
         min_train_replies: int = 1,
         round_offset: int = 0,
         uniform_weights: bool = False,
+        evaluate_on_receipt: bool = False,
+        last_round: int = 0,
         **strategy_args: Any,
     ) -> None:
         super().__init__(**strategy_args)
@@ -63,6 +79,12 @@ class LoraRounds:
         self.round_offset = round_offset
         self.round_stats: dict[int, dict[str, Any]] = defaultdict(dict)
         self._sent: ArrayRecord = ArrayRecord()
+        self.evaluate_on_receipt = evaluate_on_receipt
+        self.last_round = last_round  # the run's last round (num-server-rounds)
+        # The round whose global adapter the next train messages bring, if nobody evaluated it yet:
+        # none before round 1 (the initial adapter is not recorded); a resumed run may set it.
+        self.unevaluated_round: int | None = None
+        self._evaluating: int | None = None
 
     def run_round(self, server_round: int) -> int:
         """Return the round's number in the whole run (Flower counts from 1 again after a resume)."""
@@ -82,10 +104,15 @@ class LoraRounds:
         run_round = self.run_round(server_round)
         config[LEARNING_RATE] = self.learning_rate(run_round)
         config[RUN_ROUND] = run_round
+        if self.evaluate_on_receipt:
+            self._evaluating = self.unevaluated_round
+            config[EVALUATE_RECEIVED] = self._evaluating is not None
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = arrays
         stats = self.round_stats[run_round]
         stats.update(learning_rate=config[LEARNING_RATE], train_sampled=len(messages))
+        if self._evaluating is not None:
+            self.round_stats[self._evaluating]["eval_sampled"] = len(messages)
         stats["bytes_down"] = stats.get("bytes_down", 0) + self._send(messages, arrays)
         return messages
 
@@ -95,6 +122,11 @@ class LoraRounds:
         """Check the replies, then aggregate the float32 adapters their updates give."""
         run_round = self.run_round(server_round)
         replies = list(replies)
+        received_evaluations = self._split_received_evaluations(replies)
+        if self._evaluating is not None:
+            self._aggregate_evaluation(server_round, self._evaluating, received_evaluations, report_lost=False)
+        if self.evaluate_on_receipt:
+            self.unevaluated_round, self._evaluating = run_round, None
         stats = self.round_stats[run_round]
         failures = [reply for reply in replies if reply.has_error()]
         self._log_lost_replies(run_round, "train", stats.get("train_sampled", 0), replies)
@@ -136,10 +168,37 @@ class LoraRounds:
                           if key != NUM_EXAMPLES})
         return arrays, metrics
 
+    def _split_received_evaluations(self, replies: list[Message]) -> list[Message]:
+        """Take the received adapter's evaluation out of each train reply; return them as evaluate replies.
+
+        A train reply keeps its own metrics only (what Flower's aggregation expects); its evaluation
+        becomes a reply of its own, from the same node, for the evaluation checks and average. A
+        reply that failed stays a failure for both.
+        """
+        evaluations = []
+        for reply in replies:
+            if reply.has_error():
+                evaluations.append(reply)
+                continue
+            metrics = reply.content.metric_records.get(METRICS)
+            own, evaluation = split_received_evaluation(metrics) if metrics is not None else ({}, {})
+            if evaluation:
+                reply.content[METRICS] = MetricRecord(own)
+            evaluated = copy.copy(reply)  # the same node and message ids, another content
+            evaluated.content = RecordDict({METRICS: MetricRecord(evaluation)} if evaluation else {})
+            evaluations.append(evaluated)
+        return evaluations
+
+    def evaluated_on_receipt(self, run_round: int) -> bool:
+        """Return whether round `run_round`'s adapter is left to the next round's train messages."""
+        return self.evaluate_on_receipt and run_round < self.last_round
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients for evaluation as the strategy does, sending in transfer precision."""
+        if self.evaluated_on_receipt(self.run_round(server_round)):
+            return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         stats = self.round_stats[self.run_round(server_round)]
         stats["eval_sampled"] = len(messages)
@@ -149,9 +208,17 @@ class LoraRounds:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average the valid replies' held-out losses by example count; sum their exact-match counts."""
         run_round = self.run_round(server_round)
-        replies = list(replies)
+        if self.evaluated_on_receipt(run_round):
+            return None
+        return self._aggregate_evaluation(server_round, run_round, list(replies))
+
+    def _aggregate_evaluation(
+        self, server_round: int, run_round: int, replies: list[Message], report_lost: bool = True
+    ) -> MetricRecord | None:
+        """Record the evaluation of round `run_round`'s global adapter from its replies (see aggregate_evaluate)."""
         failures = [reply for reply in replies if reply.has_error()]
-        self._log_lost_replies(run_round, "evaluate", self.round_stats[run_round].get("eval_sampled", 0), replies)
+        if report_lost:
+            self._log_lost_replies(run_round, "evaluate", self.round_stats[run_round].get("eval_sampled", 0), replies)
         valid = self._valid_replies(
             run_round, "evaluate", [r for r in replies if not r.has_error()], check_evaluate_reply
         )

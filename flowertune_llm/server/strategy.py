@@ -54,6 +54,8 @@ def build_strategy(
         transfer_dtype=config.transfer.dtype,
         min_train_replies=config.strategy.min_train_replies,
         round_offset=round_offset,
+        evaluate_on_receipt=config.evaluate.on_receipt,
+        last_round=config.num_server_rounds,
     )
     arguments = strategy_arguments(config.strategy)
     if config.privacy.enabled:

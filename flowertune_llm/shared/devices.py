@@ -99,7 +99,8 @@ def check_one_gpu() -> None:
             "(`CUDA_VISIBLE_DEVICES=0 flower-supernode ...`; the local deployment launcher does this), and "
             "in simulation give each ClientApp at most one (client-resources-num-gpus <= 1). Training on several "
             "GPUs per client (train.num-devices / the node's num-devices > 1) runs in worker processes, but "
-            "evaluation does not yet: there set strategy.fraction-evaluate = 0"
+            "evaluation does not yet: there set strategy.fraction-evaluate = 0 and evaluate.on-receipt = false "
+            "(evaluate.server-dataset evaluates on the server instead)"
         )
 
 

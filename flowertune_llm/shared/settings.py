@@ -161,6 +161,11 @@ class EvaluateSettings:
     # costly part of an evaluation, so both bound its time.
     exact_match_examples: int = MISSING
     max_new_tokens: int = MISSING
+    # Clients evaluate the adapter each train message brings (the global adapter after the previous
+    # round) before training on it, and report both in the train reply; no separate evaluate
+    # messages but one final evaluation. Same figures, one ClientApp process per node and round
+    # where a deployment starts one per message (docs/deployment.md).
+    on_receipt: bool = MISSING
 
 
 @dataclass
@@ -335,6 +340,10 @@ def _check_values(config: AppConfig) -> list[str]:
             "strategy.fraction-train", strategy.fraction_train, "in (0, 1]")
     require(finite(strategy.fraction_evaluate) and 0 <= strategy.fraction_evaluate <= 1,
             "strategy.fraction-evaluate", strategy.fraction_evaluate, "in [0, 1]")
+    if config.evaluate.on_receipt:
+        require(strategy.fraction_evaluate > 0, "evaluate.on-receipt", True,
+                "false when strategy.fraction-evaluate = 0 (there is no client evaluation to move into "
+                "the train messages)")
     if strategy.fraction_evaluate > 0:
         require(data.validation_fraction > 0, "dataset.validation-fraction", data.validation_fraction,
                 "> 0 when strategy.fraction-evaluate > 0 (clients evaluate on their held-out share)")

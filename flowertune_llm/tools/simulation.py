@@ -31,8 +31,10 @@ def with_run_config(context: Context, run_config: dict) -> Context:
     )
 
 
-def apps(run_config: dict, train: ClientHandler = client_app.train) -> tuple[ServerApp, ClientApp]:
-    """Return a ServerApp and ClientApp that run the app's own handlers (or `train` instead)."""
+def apps(
+    run_config: dict, train: ClientHandler = client_app.train, evaluate: ClientHandler = client_app.evaluate
+) -> tuple[ServerApp, ClientApp]:
+    """Return a ServerApp and ClientApp that run the app's own handlers (or `train`, `evaluate` instead)."""
     server, client = ServerApp(), ClientApp()
 
     @server.main()
@@ -49,7 +51,7 @@ def apps(run_config: dict, train: ClientHandler = client_app.train) -> tuple[Ser
 
     @client.evaluate()
     def _evaluate(msg, context):
-        return client_app.evaluate(msg, with_run_config(context, run_config))
+        return evaluate(msg, with_run_config(context, run_config))
 
     return server, client
 
@@ -62,10 +64,11 @@ def client_resources(num_gpus: float = 0.0) -> dict[str, float]:
 
 
 def simulate(
-    run_config: dict, num_supernodes: int = 2, train: ClientHandler = client_app.train, num_gpus: float = 0.0
+    run_config: dict, num_supernodes: int = 2, train: ClientHandler = client_app.train, num_gpus: float = 0.0,
+    evaluate: ClientHandler = client_app.evaluate,
 ) -> None:
     """Run the app in Flower's simulation engine, one CPU (and `num_gpus` of a GPU) per client."""
-    server, client = apps(run_config, train)
+    server, client = apps(run_config, train, evaluate)
     run_simulation(server, client, num_supernodes=num_supernodes,
                    backend_config={"client_resources": client_resources(num_gpus)})
 
