@@ -261,10 +261,12 @@ class ProximalTerm(TrainerCallback):
 
 @dataclass
 class LocalTraining:
-    """Outcome of one client's local training: mean loss and the tokens it trained on."""
+    """Outcome of one client's local training: mean loss, the tokens it trained on, the loop's seconds."""
 
     loss: float
     tokens: int
+    # transformers' `train_runtime`: the training loop alone, without building the trainer and its data.
+    loop_seconds: float = 0.0
 
 
 def train_adapter(
@@ -290,8 +292,9 @@ def train_adapter(
         )
         if proximal_mu > 0:
             trainer.add_callback(ProximalTerm(model, proximal_mu))
-        loss = float(trainer.train().training_loss)
-        return LocalTraining(loss=loss, tokens=int(trainer.state.num_input_tokens_seen))
+        output = trainer.train()
+        return LocalTraining(loss=float(output.training_loss), tokens=int(trainer.state.num_input_tokens_seen),
+                             loop_seconds=float(output.metrics.get("train_runtime", 0.0)))
 
 
 def evaluate_loss(
