@@ -195,9 +195,17 @@ def fused_loss_problem(device: str) -> str | None:
 
 
 def loss_settings(settings: TrainSettings, device: TrainingDevice) -> TrainSettings:
-    """Return `settings` with the chunked loss in place of trl's fused one where the fused one cannot run."""
-    if settings.loss_chunk_tokens or not device.on_gpu:
+    """Return `settings` with the chunked loss in place of trl's fused one on a CPU, or where the fused one cannot run.
+
+    On a CPU trl's fused LM head runs torch tiles that fold each tile with several fp32 temporaries,
+    and scores entropy and top-1 for its logs: the loss head alone (1,100 tokens, a 1,024 vocabulary,
+    forward and backward) took 80-160 ms there against 23-49 ms for the chunked loss, and it held
+    more memory than the full logits (2026-12-06, docs/performance.md). Same loss, same gradients.
+    """
+    if settings.loss_chunk_tokens:
         return settings
+    if not device.on_gpu:
+        return dataclasses.replace(settings, loss_chunk_tokens=FALLBACK_CHUNK_TOKENS)
     problem = fused_loss_problem("cuda")
     if problem is None:
         return settings
