@@ -163,7 +163,7 @@ def step_device_tests(context: dict[str, Any]) -> dict[str, Any]:
     """The test suite's device-aware tests (models fed on their own device), on this machine."""
     files = ["tests/test_devices.py", "tests/test_quantized_cache.py", "tests/test_kept_model.py",
              # LoRA weights and optimizer state float32 inside trl's trainer, compute bf16: on CUDA here.
-             "tests/test_numerics.py::test_lora_weights_and_optimizer_state_are_float32_in_the_trainer_and_compute_is_bf16",
+             "tests/test_numerics.py::test_lora_weights_and_optimizer_state_are_float32_in_the_trainer_and_compute_in_the_compute_dtype",
              "tests/test_chunked_loss.py::test_chunked_loss_matches_the_full_logits_loss"]
     # In a dry run (itself run by the tests) collecting them is enough: running them would recurse.
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,

@@ -163,6 +163,8 @@ def train(msg: Message, context: Context) -> Message:
         TRAIN_LOSS: outcome.loss,
         NUM_EXAMPLES: len(train_data),
         "train-tokens-per-s": outcome.tokens / max(timer.seconds["train"], 1e-9),
+        # The training loop alone (the `train` phase also builds the trainer and tokenizes the data).
+        "time-train-loop-s": round(outcome.loop_seconds, 4),
         **timer.metrics(),
         **peak_memory_metrics(),
         # 1 on a CUDA GPU, 0 on the CPU; the round's mean says where its clients trained (metrics.json `device`).

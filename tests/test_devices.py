@@ -164,10 +164,13 @@ ray.shutdown()
     assert none == [None, ""]  # asked for no GPU: Ray hides them all, and the client trains on CPU
 
 
-def test_the_fused_loss_runs_on_the_cpu(config):
-    # On a CPU trl's fused loss uses torch tiles: the probe must pass, and nothing is swapped.
+def test_a_cpu_computes_the_loss_in_chunks_though_the_fused_loss_runs_there(config):
+    # On a CPU trl's fused loss uses torch tiles: the probe passes, but the chunked loss is faster there.
     assert devices.fused_loss_problem("cpu") is None
-    assert devices.loss_settings(config.train, CPU) is config.train
+    assert devices.loss_settings(config.train, CPU).loss_chunk_tokens == devices.FALLBACK_CHUNK_TOKENS
+    assert config.train.loss_chunk_tokens == 0  # the run's settings are left as they are
+    chunked = dataclasses.replace(config.train, loss_chunk_tokens=256)
+    assert devices.loss_settings(chunked, CPU) is chunked  # a configured chunk size stays
 
 
 def test_a_gpu_where_triton_cannot_compile_falls_back_to_the_chunked_loss(config, monkeypatch, caplog):

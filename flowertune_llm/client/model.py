@@ -25,11 +25,9 @@ from transformers import (
 
 from flowertune_llm.builtin.models import ensure_builtin_model
 from flowertune_llm.client.quantized_cache import cache_entry, save_entry
+from flowertune_llm.shared.devices import COMPUTE_DTYPE, training_compute_dtype
 from flowertune_llm.shared.registry import BUILTIN_MODEL_NAME, BUILTIN_MODELS
 from flowertune_llm.shared.settings import ModelSettings
-
-# bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs.
-COMPUTE_DTYPE = torch.bfloat16
 
 
 class ModelSourceError(RuntimeError):
@@ -82,18 +80,18 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
 
 
 def quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
-    """Return the bitsandbytes config for 4-bit NF4 or 8-bit, or None for a bf16 base."""
-    return bits_config(settings.quantization)
+    """Return the bitsandbytes config of a training base: 4-bit NF4 or 8-bit, or None for a bf16 base."""
+    return bits_config(settings.quantization, training_compute_dtype())
 
 
-def bits_config(bits: int) -> BitsAndBytesConfig | None:
+def bits_config(bits: int, compute_dtype: torch.dtype = COMPUTE_DTYPE) -> BitsAndBytesConfig | None:
     """Return the bitsandbytes config for `bits` = 4 (NF4), 8 (LLM.int8()) or 16 (None: no quantization)."""
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from flowertune_llm.shared import atomic
+from flowertune_llm.shared.devices import training_compute_dtype
 from flowertune_llm.shared.settings import ModelSettings
 
 
@@ -38,13 +39,17 @@ def _source_identity(source: str) -> dict[str, object] | None:
 
 
 def cache_entry(settings: ModelSettings, source: str) -> Path | None:
-    """Return the cache folder for this model and quantization, or None when there is no cache to use."""
+    """Return the cache folder for this model, quantization and compute dtype, or None when there is no cache to use.
+
+    An entry's config keeps the compute dtype it was quantized with, so a CPU's entry (float32 compute)
+    is not a GPU's (bf16).
+    """
     if not settings.quantized_cache_dir or settings.quantization not in (4, 8):
         return None
     identity = _source_identity(source)
     if identity is None:
         return None
-    key = {"source": identity, "bits": settings.quantization,
+    key = {"source": identity, "bits": settings.quantization, "compute": str(training_compute_dtype()),
            "versions": [version(p) for p in ("transformers", "bitsandbytes", "torch")]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = Path(source).name or "model"

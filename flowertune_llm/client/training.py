@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from flowertune_llm.client.per_example_attention import per_example_sdpa
+from flowertune_llm.shared.devices import training_compute_dtype
 from flowertune_llm.shared.settings import TrainSettings
 
 
@@ -214,9 +215,11 @@ def _trainer(
     compute_loss_func: Callable | None = None,
 ) -> SFTTrainer:
     base = model.get_base_model()
-    # A quantized base computes in bf16 (its compute dtype); bf16 autocast runs the LoRA matmuls
-    # in bf16 too, while the LoRA weights themselves stay float32 (below).
-    bf16 = base.dtype == torch.bfloat16 or getattr(base, "hf_quantizer", None) is not None
+    # A quantized base computes in its compute dtype (bf16 on a GPU, float32 on a CPU: devices.py says
+    # why); bf16 autocast runs the LoRA matmuls in bf16 too, while the LoRA weights themselves stay
+    # float32 (below).
+    quantized = getattr(base, "hf_quantizer", None) is not None
+    bf16 = training_compute_dtype() == torch.bfloat16 if quantized else base.dtype == torch.bfloat16
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
     chunked = {"chunk_tokens": settings.loss_chunk_tokens} if settings.loss_chunk_tokens else {}
     collator = None
@@ -275,10 +278,12 @@ class ProximalTerm(TrainerCallback):
 
 @dataclass
 class LocalTraining:
-    """Outcome of one client's local training: mean loss and the tokens it trained on."""
+    """Outcome of one client's local training: mean loss, the tokens it trained on, the loop's seconds."""
 
     loss: float
     tokens: int
+    # transformers' `train_runtime`: the training loop alone, without building the trainer and its data.
+    loop_seconds: float = 0.0
 
 
 def train_adapter(
@@ -310,8 +315,9 @@ def train_adapter(
         )
         if proximal_mu > 0:
             trainer.add_callback(ProximalTerm(model, proximal_mu))
-        loss = float(trainer.train().training_loss)
-        return LocalTraining(loss=loss, tokens=int(trainer.state.num_input_tokens_seen))
+        output = trainer.train()
+        return LocalTraining(loss=float(output.training_loss), tokens=int(trainer.state.num_input_tokens_seen),
+                             loop_seconds=float(output.metrics.get("train_runtime", 0.0)))
 
 
 def evaluate_loss(

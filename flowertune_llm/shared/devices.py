@@ -55,6 +55,23 @@ class TrainingDevice:
         return f"cuda:0 ({self.name}, compute capability {major}.{minor})"
 
 
+# bf16 keeps fp32's range, so 4/8-bit matmuls need no loss scaling; it also runs on CPUs. Frozen
+# 16-bit weights (a bf16 base, the lean embedding and LM head) and generation use it everywhere.
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def training_compute_dtype() -> torch.dtype:
+    """Return what a quantized base computes in while training: bf16 on a GPU, float32 on a CPU.
+
+    On a CPU bf16 made training slower, not faster. Measured on the tiny Llama (batch 16, 2026-12-06,
+    docs/performance.md): PyTorch's bf16 attention backward on CPU took 10x its float32 time, and
+    autocast added a cast around every matmul; a step took 0.99 s in bf16 and 0.43 s in float32.
+    Only activations change: 4-bit weights stay 4-bit, the frozen embedding and LM head stay bf16,
+    the LoRA weights float32 as before.
+    """
+    return COMPUTE_DTYPE if torch.cuda.is_available() else torch.float32
+
+
 def training_device() -> TrainingDevice:
     """Return the device a model built in this process lands on (`model.default_device_map`)."""
     if not torch.cuda.is_available():
@@ -181,9 +198,17 @@ def fused_loss_problem(device: str) -> str | None:
 
 
 def loss_settings(settings: TrainSettings, device: TrainingDevice) -> TrainSettings:
-    """Return `settings` with the chunked loss in place of trl's fused one where the fused one cannot run."""
-    if settings.loss_chunk_tokens or not device.on_gpu:
+    """Return `settings` with the chunked loss in place of trl's fused one on a CPU, or where the fused one cannot run.
+
+    On a CPU trl's fused LM head runs torch tiles that fold each tile with several fp32 temporaries,
+    and scores entropy and top-1 for its logs: the loss head alone (1,100 tokens, a 1,024 vocabulary,
+    forward and backward) took 80-160 ms there against 23-49 ms for the chunked loss, and it held
+    more memory than the full logits (2026-12-06, docs/performance.md). Same loss, same gradients.
+    """
+    if settings.loss_chunk_tokens:
         return settings
+    if not device.on_gpu:
+        return dataclasses.replace(settings, loss_chunk_tokens=FALLBACK_CHUNK_TOKENS)
     problem = fused_loss_problem("cuda")
     if problem is None:
         return settings
