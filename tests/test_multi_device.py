@@ -267,14 +267,16 @@ def test_a_simulated_client_trains_on_two_processes_and_replies_as_one(tmp_path)
 
     from flowertune_llm.tools.simulation import simulate
 
-    # One node, one round, no evaluation: the ClientApp runs in a Ray actor and starts its 2 workers.
+    # One node, one round: the ClientApp runs in a Ray actor and starts its 2 workers, then evaluates
+    # the new global adapter in its own process (one process: no process group there).
     simulate(default_run_config(**{
         "num-server-rounds": 1, "train.num-devices": 2, "train.batch-size": 4, "train.max-steps": 2,
-        "strategy.fraction-evaluate": 0.0, "strategy.min-available-nodes": 1, "strategy.min-train-nodes": 1,
+        "evaluate.exact-match-examples": 4, "strategy.min-available-nodes": 1, "strategy.min-train-nodes": 1,
         "strategy.min-evaluate-nodes": 1, "train.save-every-round": 0,
         "results.dir": str(tmp_path), "results.run-name": "run",
     }), num_supernodes=1)
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert [(r["train_replies"], r["train_failures"]) for r in rounds] == [(1, 0)]
-    assert rounds[0]["train_loss"] > 0 and rounds[0]["device"] == "cpu"
+    assert [(r["eval_replies"], r["eval_failures"]) for r in rounds] == [(1, 0)]
+    assert rounds[0]["train_loss"] > 0 and rounds[0]["eval_loss"] > 0 and rounds[0]["device"] == "cpu"
     assert not _workers()

@@ -195,7 +195,10 @@ def _train_worker(path: Path) -> None:
         torch.cuda.set_device(local_rank)
     config = parse_config(json.loads((path / _RUN_CONFIG).read_text()))
     job = RoundJob(**json.loads((path / _ROUND).read_text()))
-    settings = loss_settings(config.train, training_device())
+    device = training_device()
+    # The chunked loss calls the backbone past DDP's forward, so workers keep trl's fused loss: on a
+    # CPU too, where one process would take the (faster) chunked one (devices.loss_settings).
+    settings = loss_settings(config.train, device) if device.on_gpu else config.train
     if settings.loss_chunk_tokens:
         raise MultiDeviceError(
             "trl's fused loss does not run on this GPU (Triton needs a C compiler and Python headers) and its "

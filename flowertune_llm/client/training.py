@@ -11,6 +11,7 @@ SDPA per example (`per_example_attention`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -324,6 +325,8 @@ def evaluate_loss(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, settings: TrainSettings
 ) -> float:
     """Return the mean response-token loss of the model on held-out data."""
+    # Held-out loss runs in this one process, also on a client that trains on several devices.
+    settings = dataclasses.replace(settings, num_devices=1)
     with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
         # SFTTrainer insists on a training set; it is never trained on here.
         trainer = _trainer(
