@@ -39,7 +39,7 @@ def test_the_default_run_answers_held_out_questions_right(tmp_path):
     # The clients' held-out shares: questions no client trained on (every question is asked once).
     assert rounds[-1]["eval_exact_match_examples"] >= 100
     # The base already answers many of them (it read the world's notes); what counts is what the
-    # federated adapter adds. Measured 2026-12-06: base 44.9%, after rounds 1-5 49.2% ... 53.4%.
+    # federated adapter adds. Measured 2026-12-06: base 44.9%, after rounds 1-5 41.5% ... 54.2%.
     base = _base_accuracy(run_config)
     assert accuracy[-1] >= 0.30 and accuracy[-1] >= base + 0.05, (base, accuracy)
     tasks = {example["category"] for example in generate_examples()}
