@@ -279,4 +279,6 @@ def test_a_simulated_client_trains_on_two_processes_and_replies_as_one(tmp_path)
     assert [(r["train_replies"], r["train_failures"]) for r in rounds] == [(1, 0)]
     assert [(r["eval_replies"], r["eval_failures"]) for r in rounds] == [(1, 0)]
     assert rounds[0]["train_loss"] > 0 and rounds[0]["eval_loss"] > 0 and rounds[0]["device"] == "cpu"
+    # Rank 0's whole outcome comes back, the training loop's own time included.
+    assert 0 < rounds[0]["time_train_loop_s"] <= rounds[0]["time_train_s"]
     assert not _workers()

@@ -181,7 +181,7 @@ def train_on_devices(
             raise MultiDeviceError(f"training on {num_devices} devices failed: "
                                    + _failure(path, num_devices, process.returncode))
         outcome = json.loads((path / _OUTCOME).read_text())
-        return load_file(str(path / _TRAINED)), LocalTraining(loss=outcome["loss"], tokens=outcome["tokens"])
+        return load_file(str(path / _TRAINED)), LocalTraining(**outcome)
 
 
 # --- A worker: one process of the `torch.distributed.run` launch ----------------------------------
