@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from flowertune_llm import server_app
 from flowertune_llm.client.model import build_adapter_skeleton
-from flowertune_llm.server.results import RunRecorder
+from flowertune_llm.server.results import CHECKPOINT, RunRecorder
 from flowertune_llm.server.resume import ResumeError, find_resume_point
 from flowertune_llm.shared.adapters import adapter_state, to_array_record
 from flowertune_llm.shared.settings import parse_config
@@ -46,7 +46,11 @@ def _rounds(folder: Path) -> list[dict]:
 
 
 def _kill_after_first_round(run_config: dict, folder: Path, tmp_path: Path) -> None:
-    """Run the app in its own process group and SIGKILL the whole group once round 1 is recorded."""
+    """Run the app in its own process group and SIGKILL the whole group once round 1 is checkpointed.
+
+    A round's metrics are written before its checkpoint, so waiting for metrics.json alone can kill
+    the run between the two, with nothing to resume from.
+    """
     config_file = tmp_path / f"{folder.name}.json"
     config_file.write_text(json.dumps(run_config))
     with open(tmp_path / f"{folder.name}.log", "w") as log:
@@ -56,7 +60,7 @@ def _kill_after_first_round(run_config: dict, folder: Path, tmp_path: Path) -> N
         )
     try:
         deadline = time.monotonic() + 300
-        while not _rounds(folder) and process.poll() is None and time.monotonic() < deadline:
+        while not (folder / CHECKPOINT).exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray workers: no clean shutdown
