@@ -8,10 +8,14 @@ docs/architecture.md draws the same picture.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from flowertune_llm.client.imports import hidden_module
 from flowertune_llm.shared import protocol
 
 from conftest import REPO_ROOT
@@ -107,6 +111,33 @@ def test_importing_the_client_app_loads_no_training_library():
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'flwr_datasets') if m in sys.modules))")],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_the_training_code_leaves_wandb_unloaded_and_importable():
+    # trl imports W&B at import time when it is installed (2-3 s a client process); clients never use it.
+    pytest.importorskip("wandb")
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, flowertune_llm.client.training; before = 'wandb' in sys.modules; "
+        "import wandb; print(before, wandb.__name__)")],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    assert loaded.stdout.split()[-2:] == ["False", "wandb"]
+
+
+def test_a_hidden_module_is_hidden_within_the_block_unless_already_loaded(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "optional_extra.py").write_text("NAME = 'optional extra'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with hidden_module("optional_extra"), hidden_module("json"):
+        assert importlib.util.find_spec("optional_extra") is None
+        with pytest.raises(ImportError):
+            import optional_extra  # noqa: F401
+        import json as inside
+    assert inside is json
+    import optional_extra
+
+    assert optional_extra.NAME == "optional extra"
+    monkeypatch.delitem(sys.modules, "optional_extra")
 
 
 WIRE_NAMES = {value for name, value in vars(protocol).items() if name.isupper() and isinstance(value, str)}

@@ -26,12 +26,18 @@ from datasets import Dataset
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from flowertune_llm.client.imports import hidden_module
 from flowertune_llm.client.per_example_attention import per_example_sdpa
 from flowertune_llm.shared.devices import training_compute_dtype
 from flowertune_llm.shared.settings import TrainSettings
+
+# trl's trainer modules import W&B when it is installed (the `tracking` and `test` extras install
+# it): 2-3 s and ~30 MB in every client process, and a deployment starts one per message. Clients
+# never log to W&B (the server does, `results.wandb-project`), so trl does not see it here.
+with hidden_module("wandb"):
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 
 def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
