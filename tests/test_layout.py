@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_llm.client.imports import hidden_module
+from flowertune_llm.client.imports import defer_submodule, hidden_module
 from flowertune_llm.shared import protocol
 
 from conftest import REPO_ROOT
@@ -138,6 +138,39 @@ def test_a_hidden_module_is_hidden_within_the_block_unless_already_loaded(tmp_pa
 
     assert optional_extra.NAME == "optional extra"
     monkeypatch.delitem(sys.modules, "optional_extra")
+
+
+def test_the_client_data_code_leaves_flower_datasets_plotting_unloaded_until_used():
+    # flwr_datasets/__init__ imports its plots (matplotlib, seaborn, scipy): 1.5-2 s a client process.
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, flowertune_llm.client.data, flwr_datasets; "
+        "print(sorted(m for m in ('matplotlib', 'seaborn') if m in sys.modules)); "
+        "plot = flwr_datasets.visualization.plot_label_distributions; "
+        "print(plot.__module__, 'matplotlib' in sys.modules)")],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    assert loaded.stdout.splitlines()[-2:] == ["[]", "flwr_datasets.visualization.label_distribution True"]
+
+
+def test_a_deferred_submodule_loads_when_first_read(tmp_path, monkeypatch):
+    package = tmp_path / "plotty"
+    package.mkdir()
+    (package / "__init__.py").write_text("from plotty import heavy\nLIGHT = 1\n")
+    (package / "heavy.py").write_text("import sys\nsys.heavy_runs = getattr(sys, 'heavy_runs', 0) + 1\nVALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "heavy_runs", 0, raising=False)
+    for name in ("plotty", "plotty.heavy"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    defer_submodule("plotty.heavy")
+    import plotty
+
+    assert plotty.LIGHT == 1 and sys.heavy_runs == 0
+    assert plotty.heavy.VALUE == 42 and sys.heavy_runs == 1
+    from plotty.heavy import VALUE
+
+    assert VALUE == 42 and sys.heavy_runs == 1 and type(sys.modules["plotty.heavy"]) is type(sys)
+    for name in ("plotty", "plotty.heavy"):
+        monkeypatch.delitem(sys.modules, name)
 
 
 WIRE_NAMES = {value for name, value in vars(protocol).items() if name.isupper() and isinstance(value, str)}

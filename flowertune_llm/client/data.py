@@ -13,8 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import (
+
+from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
+from flowertune_llm.client.imports import defer_submodule
+from flowertune_llm.shared.prompts import alpaca_prompt
+from flowertune_llm.shared.settings import DatasetSettings
+
+# Flower Datasets' package imports its plotting helpers, and with them matplotlib, seaborn and
+# scipy: 1.5-2 s and ~50 MB in every client process, which never plots. They load on first use.
+defer_submodule("flwr_datasets.visualization")
+from flwr_datasets import FederatedDataset  # noqa: E402
+from flwr_datasets.partitioner import (  # noqa: E402
     DirichletPartitioner,
     ExponentialPartitioner,
     IidPartitioner,
@@ -23,10 +32,6 @@ from flwr_datasets.partitioner import (
     Partitioner,
     SquarePartitioner,
 )
-
-from flowertune_llm.builtin.world import BUILTIN_DATASET_FILE, BUILTIN_HELDOUT_FILE
-from flowertune_llm.shared.prompts import alpaca_prompt
-from flowertune_llm.shared.settings import DatasetSettings
 
 BUILTIN_DATASET_NAME = "builtin:tiny-instructions"
 BUILTIN_HELDOUT_NAME = "builtin:tiny-instructions-heldout"
