@@ -4,7 +4,8 @@
 authentication on) and two `flower-supernode` processes, each a data owner with its own file, in a
 private Flower home on free ports; `down` stops them by PID. The tests check that the app trains
 through it as in simulation, that a SuperNode with an unregistered key is refused, and that a
-SuperNode killed mid-round costs the run a timeout, not a hang.
+SuperNode killed mid-round costs the run a timeout, not a hang; and that a client trains on several
+processes (`train.num-devices`) from the ClientApp process a SuperNode starts.
 """
 
 from __future__ import annotations
@@ -137,6 +138,53 @@ def test_app_trains_through_superlink_and_supernodes_over_tls(deployment):
     final = load_file(folder / "adapter-final" / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in final.items() if "lora_B" in name]
     assert lora_b and all(bool(tensor.abs().sum() > 0) for tensor in lora_b)
+
+
+def _device_workers(state: Deployment) -> set[int]:
+    """Return the live multi-device training workers under the SuperNodes (torchrun itself excluded)."""
+    workers = set()
+    for node in (process for process in state.processes if process.name.startswith("supernode")):
+        for pid in process_tree(node.pid, node.program):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flowertune_llm.client.multi_device" in command and b"torch.distributed.run" not in command:
+                workers.add(pid)
+    return workers
+
+
+def test_clients_train_on_two_processes_each_through_supernodes(deployment):
+    # Runs before the test that kills a SuperNode: both nodes train, each on 2 CPU processes (gloo).
+    state, env, root = deployment
+    run_config = ("num-server-rounds=1 train.max-steps=2 strategy.fraction-evaluate=0.0 train.num-devices=2 "
+                  "results.run-name='two-devices'")
+    log = root / "two-devices-run.log"
+    seen: set[int] = set()
+    with log.open("w") as stream:
+        run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
+                                "--run-config", run_config], cwd=REPO_ROOT, env=env, stdout=stream,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 540
+        while run.poll() is None and time.monotonic() < deadline:
+            seen |= _device_workers(state)
+            time.sleep(0.2)
+        returncode = run.wait(timeout=5)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    output = log.read_text()
+    assert returncode == 0, output[-4000:]
+    # Each node's ClientApp (a flwr-clientapp process the SuperNode started) launched 2 workers.
+    assert len(seen) == 4, output[-4000:]
+    assert not _device_workers(state)
+    rounds = _rounds(Path(state.results_base) / "results" / "two-devices")
+    assert [(r["train_sampled"], r["train_replies"]) for r in rounds] == [(2, 2)]
+    assert rounds[0]["train_examples"] == sum(NODE_TRAIN_EXAMPLES) and 0 < rounds[0]["train_loss"] < 10
+    final = load_file(Path(state.results_base) / "results" / "two-devices" / "adapter-final" / "adapter_model.safetensors")
+    assert all(bool(tensor.abs().sum() > 0) for name, tensor in final.items() if "lora_B" in name)
 
 
 def _clientapp_running(pid: int, program: str) -> bool:
