@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,10 @@ def test_a_hidden_module_is_hidden_within_the_block_unless_already_loaded(tmp_pa
 def test_the_client_data_code_leaves_flower_datasets_plotting_unloaded_until_used():
     # flwr_datasets/__init__ imports its plots (matplotlib, seaborn, scipy): 1.5-2 s a client process.
     loaded = subprocess.run([sys.executable, "-c", (
-        "import sys, flowertune_llm.client.data, flwr_datasets; "
+        "import sys, flowertune_llm.client_app; "
+        # What a train message imports; torch scans sys.modules (inspect.getmodule) on the way.
+        "from flowertune_llm.client import data, training, kept_model, model, exact_match; "
+        "import flwr_datasets; "
         "print(sorted(m for m in ('matplotlib', 'seaborn') if m in sys.modules)); "
         "plot = flwr_datasets.visualization.plot_label_distributions; "
         "print(plot.__module__, 'matplotlib' in sys.modules)")],
@@ -165,6 +169,9 @@ def test_a_deferred_submodule_loads_when_first_read(tmp_path, monkeypatch):
     import plotty
 
     assert plotty.LIGHT == 1 and sys.heavy_runs == 0
+    # Scanning sys.modules, as inspect.getmodule does, is not a read.
+    assert inspect.getmodule(test_a_deferred_submodule_loads_when_first_read).__name__ == __name__
+    assert sys.modules["plotty.heavy"].__file__.endswith("heavy.py") and sys.heavy_runs == 0
     assert plotty.heavy.VALUE == 42 and sys.heavy_runs == 1
     from plotty.heavy import VALUE
 

@@ -32,9 +32,16 @@ def hidden_module(name: str) -> Iterator[None]:
 
 
 class _Deferred(types.ModuleType):
-    """Stands in for a submodule in `sys.modules` until one of its attributes is read, then imports it."""
+    """Stands in for a submodule in `sys.modules` until one of its attributes is read, then imports it.
+
+    Dunder names other than `__path__` (which importing a child of it needs) do not count as a
+    read: tools that scan `sys.modules` (`inspect.getmodule`, which torch calls when it registers an
+    operator) probe every module for `__file__` and the like.
+    """
 
     def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__") and attribute != "__path__":
+            raise AttributeError(attribute)
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
         # The real module replaces this one in sys.modules and on its parent package.
@@ -58,5 +65,5 @@ def defer_submodule(name: str) -> None:
     if spec is None:
         return
     stand_in = _Deferred(name)
-    stand_in.__spec__ = spec
+    stand_in.__spec__, stand_in.__file__ = spec, spec.origin
     sys.modules[name] = stand_in
