@@ -56,6 +56,17 @@ def test_no_reuse_or_other_settings_build_a_new_model(config):
     assert kept_model.peft_model(other, reuse=True) is not kept
 
 
+def test_the_tokenizer_is_loaded_once_per_checkpoint(config, monkeypatch):
+    loads = []
+    monkeypatch.setattr(kept_model, "_kept_tokenizer", None)
+    monkeypatch.setattr(kept_model, "load_tokenizer", lambda settings: loads.append(settings.name) or object())
+    first = kept_model.kept_tokenizer(config.model)
+    # Other LoRA or quantization settings: the same checkpoint, the same tokenizer.
+    assert kept_model.kept_tokenizer(dataclasses.replace(config.model, quantization=8)) is first
+    assert kept_model.kept_tokenizer(dataclasses.replace(config.model, name="elsewhere")) is not first
+    assert loads == [config.model.name, "elsewhere"]
+
+
 def test_evaluating_does_not_change_how_a_4bit_model_trains(config):
     config.model.lora.dropout = 0.0
     tokens = torch.randint(3, 512, (2, 24))

@@ -6,7 +6,8 @@ round, so the PEFT model built in round 1 is kept and reused: the global adapter
 overwrites every LoRA weight, and each round's trainer makes a new optimizer, so nothing of the
 previous round carries over (a test checks the adapter is bit-identical to a fresh build's). In a
 deployment's default subprocess isolation each message gets a new process, and this cache is empty
-every time: there the base is built per message, as without it.
+every time: there the base is built per message, as without it. The tokenizer is kept likewise
+(loading a real one reads and parses megabytes of vocabulary): trl and generation only read it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import gc
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
-from flowertune_llm.client.model import build_peft_model
+from flowertune_llm.client.model import build_peft_model, load_tokenizer
 from flowertune_llm.shared.settings import ModelSettings
 
 _kept: tuple[str, PeftModel] | None = None
+_kept_tokenizer: tuple[tuple, PreTrainedTokenizerBase] | None = None
 
 
 def peft_model(settings: ModelSettings, reuse: bool) -> PeftModel:
@@ -38,6 +41,15 @@ def peft_model(settings: ModelSettings, reuse: bool) -> PeftModel:
     if reuse:
         _kept = (key, model)
     return model
+
+
+def kept_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    """Return the model's tokenizer, loaded once per process and checkpoint."""
+    global _kept_tokenizer
+    key = (settings.name, settings.trust_remote_code)  # what load_tokenizer reads
+    if _kept_tokenizer is None or _kept_tokenizer[0] != key:
+        _kept_tokenizer = (key, load_tokenizer(settings))
+    return _kept_tokenizer[1]
 
 
 def release_memory() -> None:
