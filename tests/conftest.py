@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -64,13 +65,14 @@ def config() -> AppConfig:
 
 
 @pytest.fixture(autouse=True)
-def no_data_kept_between_tests():
-    """Every test starts as a fresh client process does: no prepared data kept by an earlier test."""
+def nothing_kept_between_tests():
+    """Every test starts as a fresh client process does: no prepared data kept, no objects frozen by an earlier test."""
     yield
     # Only if a test loaded it: importing it here would load datasets into every test process.
     kept_data = sys.modules.get("flowertune_llm.client.kept_data")
     if kept_data is not None:
         kept_data.forget()
+    gc.unfreeze()  # a kept model freezes what is alive out of garbage collections (kept_model.py)
 
 
 # --- A finished default run, shared by the tests of the commands that read run folders ----------
