@@ -31,9 +31,11 @@ PREPARATION_FIELDS = (
     "dataset_text_field", "chat_template_path", "eos_token", "pad_token", "shuffle_dataset",
 )
 # Datasets kept at most, least recently used dropped first. A simulated client process may serve
-# any of the federation's nodes; each keeps its training and its held-out data (8: four nodes).
-# Data read from files is memory-mapped from the datasets cache, so an entry holds little memory.
-MAX_KEPT = 8
+# any of the federation's nodes, and each keeps its training and its held-out data: 32 covers 16
+# nodes. Data read from files (Flower Datasets reads them all) is memory-mapped from the datasets
+# cache, so an entry holds little memory; a dataset held in memory (a multi-device worker's) lives
+# in a process of one message.
+MAX_KEPT = 32
 
 _kept: OrderedDict[Hashable, Dataset] = OrderedDict()
 
