@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.client import kept_data, kept_model, training
 from flowertune_llm.client.data import load_client_data
@@ -90,6 +90,11 @@ def test_other_data_or_another_tokenizer_prepares_again(preparations, tmp_path):
     trainer = training._trainer(model, tokenizer, config.train, 1e-3, 1, str(tmp_path), train_data=train_data)
     assert len(preparations) == 4
     assert trainer.train_dataset["labels"][0][-1] == tokenizer.bos_token_id
+
+
+def test_the_key_names_fields_of_trls_config():
+    # A field renamed by a trl release would silently drop out of the key (getattr gives None).
+    assert set(kept_data.PREPARATION_FIELDS) <= {field.name for field in dataclasses.fields(SFTConfig)}
 
 
 def test_at_most_max_kept_datasets_are_kept(monkeypatch):
