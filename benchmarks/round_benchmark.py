@@ -80,6 +80,10 @@ def _round_rows(metrics: dict) -> list[dict]:
         row["aggregate"] = record.get("time_aggregate_s", float("nan"))
         row["other"] = round(row["round_s"] - sum(row[p] for p in PHASES) - row["aggregate"], 2)
         row["slowest_train"] = record.get("time_train_slowest_s", float("nan"))
+        # The `train` phase beyond its training loop (building the trainer, preparing the data), and
+        # the clients' held-out loss (not in the round's phases: it follows the train messages).
+        row["train_setup"] = round(row["train"] - record.get("time_train_loop_s", float("nan")), 4)
+        row["eval_loss"] = record.get("eval_time_eval_loss_s", float("nan"))
         # What a round costs beyond its slowest client's training (evaluation, messaging, start-up).
         row["round_over_train"] = round(row["round_s"] / row["slowest_train"], 2) if row["slowest_train"] else float("nan")
         row["tokens_per_s"] = record.get("train_tokens_per_s", float("nan"))
@@ -91,8 +95,8 @@ def _round_rows(metrics: dict) -> list[dict]:
 
 def _print_rounds(label: str, rows: list[dict]) -> None:
     print(f"\n{label}")
-    header = ["round", "round_s", *PHASES, "aggregate", "other", "slowest_train", "round_over_train", "tokens_per_s",
-              "bytes_down", "bytes_up", "peak_rss_mb"]
+    header = ["round", "round_s", *PHASES, "aggregate", "other", "slowest_train", "round_over_train", "train_setup",
+              "eval_loss", "tokens_per_s", "bytes_down", "bytes_up", "peak_rss_mb"]
     print(" | ".join(f"{h:>12}" for h in header))
     for row in rows:
         print(" | ".join(f"{row[h]:>12.2f}" if isinstance(row[h], float) else f"{row[h]:>12}" for h in header))

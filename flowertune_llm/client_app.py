@@ -116,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     evaluation first: the same figures the evaluate handler computes, in the same reply.
     """
     from flowertune_llm.client.data import load_client_data
-    from flowertune_llm.client.model import load_tokenizer
+    from flowertune_llm.client.kept_model import kept_tokenizer
     from flowertune_llm.client.multi_device import RoundJob, train_received_adapter
     from flowertune_llm.client.preflight import check_node_data
     from flowertune_llm.client.training import round_seed
@@ -146,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
                 check_one_gpu()  # evaluation runs in this process, on one GPU at most
             model = _model_with_global_adapter(config, msg, timer)
             eval_timer = PhaseTimer()
-            evaluation = {**_evaluation(model, load_tokenizer(config.model), eval_data, config, eval_timer),
+            evaluation = {**_evaluation(model, kept_tokenizer(config.model), eval_data, config, eval_timer),
                           **eval_timer.metrics()}
     job = RoundJob(
         learning_rate=float(round_config[LEARNING_RATE]),
@@ -177,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the global adapter's loss and exact-match counts on this node's held-out share."""
     from flowertune_llm.client.data import load_client_data
-    from flowertune_llm.client.model import load_tokenizer
+    from flowertune_llm.client.kept_model import kept_tokenizer
     from flowertune_llm.client.preflight import check_node_data
     from flowertune_llm.shared.devices import prepare_client_device
     from flowertune_llm.shared.telemetry import PhaseTimer
@@ -191,6 +191,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise ValueError("dataset.validation-fraction leaves this node no held-out examples to evaluate")
     timer = PhaseTimer()
     model = _model_with_global_adapter(config, msg, timer)
-    evaluation = _evaluation(model, load_tokenizer(config.model), eval_data, config, timer)
+    evaluation = _evaluation(model, kept_tokenizer(config.model), eval_data, config, timer)
     metrics = MetricRecord({**evaluation, **timer.metrics()})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +62,17 @@ def run_config() -> dict:
 def config() -> AppConfig:
     """The default run config, parsed."""
     return parse_config(default_run_config())
+
+
+@pytest.fixture(autouse=True)
+def nothing_kept_between_tests():
+    """Every test starts as a fresh client process does: no prepared data kept, no objects frozen by an earlier test."""
+    yield
+    # Only if a test loaded it: importing it here would load datasets into every test process.
+    kept_data = sys.modules.get("flowertune_llm.client.kept_data")
+    if kept_data is not None:
+        kept_data.forget()
+    gc.unfreeze()  # a kept model freezes what is alive out of garbage collections (kept_model.py)
 
 
 # --- A finished default run, shared by the tests of the commands that read run folders ----------

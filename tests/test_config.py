@@ -8,6 +8,7 @@ import pytest
 from flwr.common.config import flatten_dict, parse_config_args, unflatten_dict
 
 from flowertune_llm.server.results import to_toml
+from flowertune_llm.shared import settings
 from flowertune_llm.shared.settings import CONFIG_KEYS, ConfigError, parse_config, to_run_config
 
 from conftest import REPO_ROOT, default_run_config
@@ -65,6 +66,19 @@ def test_padding_free_is_on_and_packing_off_by_default_and_both_parse_as_boolean
 def test_integer_accepted_for_float_key():
     config = parse_config(default_run_config(**{"train.learning-rate-max": 1}))
     assert config.train.learning_rate_max == 1.0 and isinstance(config.train.learning_rate_max, float)
+
+
+def test_a_config_parsed_again_is_an_equal_copy_and_a_bool_is_not_an_integer(run_config):
+    parsed_before = settings._parsed_config.cache_info().misses
+    first, again = parse_config(run_config), parse_config(dict(reversed(list(run_config.items()))))
+    assert settings._parsed_config.cache_info().misses - parsed_before <= 1  # the key order does not matter
+    assert again == first and again is not first
+    again.train.seq_length += 1  # the caller's copy: the next parse does not see it
+    assert parse_config(run_config) == first
+    # True == 1 in Python: a parsed `1` must not answer for a `true`.
+    parse_config({**run_config, "train.max-steps": 1})
+    with pytest.raises(ConfigError, match="train.max-steps must be an integer, got True"):
+        parse_config({**run_config, "train.max-steps": True})
 
 
 BAD_VALUES = [

@@ -62,6 +62,8 @@ def test_two_rounds_two_clients(tmp_path, model_name, bits):
     assert rounds[0]["learning_rate"] > rounds[1]["learning_rate"]
     # The slowest client's training time is kept beside the example-weighted mean of both.
     assert all(r["time_train_slowest_s"] >= r["time_train_s"] - 1e-9 and r["time_train_s"] > 0 for r in rounds)
+    # ... and the clients' evaluation phases: held-out loss, exact match.
+    assert all(r["eval_time_eval_loss_s"] > 0 and r["eval_time_exact_match_s"] > 0 for r in rounds)
     # Every round reports exact match over both clients' held-out shares (at most 64 examples each).
     held_out = [load_client_data(config.dataset, p, 2)[1] for p in (0, 1)]
     asked = [share.select(range(min(config.evaluate.exact_match_examples, len(share)))) for share in held_out]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -54,6 +56,36 @@ def test_no_reuse_or_other_settings_build_a_new_model(config):
     kept = kept_model.peft_model(config.model, reuse=True)
     other = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, r=4))
     assert kept_model.peft_model(other, reuse=True) is not kept
+
+
+class Cyclic:
+    """A stand-in model in a reference cycle, as trl and accelerate leave a trained one: only a collection frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_kept_model_is_frozen_out_of_collections_until_replaced(config, monkeypatch):
+    monkeypatch.setattr(kept_model, "build_peft_model", lambda settings: Cyclic())
+    alive = weakref.ref(kept_model.peft_model(config.model, reuse=True))
+    assert gc.get_freeze_count() > 0
+    kept_model._kept = None
+    gc.collect()
+    assert alive() is not None  # frozen: collections pass it by
+    other = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, r=4))
+    kept_model.peft_model(other, reuse=True)  # the replacement hands it back to the collector
+    assert alive() is None
+
+
+def test_the_tokenizer_is_loaded_once_per_checkpoint(config, monkeypatch):
+    loads = []
+    monkeypatch.setattr(kept_model, "_kept_tokenizer", None)
+    monkeypatch.setattr(kept_model, "load_tokenizer", lambda settings: loads.append(settings.name) or object())
+    first = kept_model.kept_tokenizer(config.model)
+    # Other LoRA or quantization settings: the same checkpoint, the same tokenizer.
+    assert kept_model.kept_tokenizer(dataclasses.replace(config.model, quantization=8)) is first
+    assert kept_model.kept_tokenizer(dataclasses.replace(config.model, name="elsewhere")) is not first
+    assert loads == [config.model.name, "elsewhere"]
 
 
 def test_evaluating_does_not_change_how_a_4bit_model_trains(config):

@@ -38,7 +38,7 @@ from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from flowertune_llm.client.kept_model import peft_model
+from flowertune_llm.client.kept_model import kept_tokenizer, peft_model
 from flowertune_llm.client.model import build_peft_model, load_tokenizer
 from flowertune_llm.client.training import LocalTraining, train_adapter
 from flowertune_llm.shared.adapters import adapter_state, load_adapter_state
@@ -84,7 +84,7 @@ def train_received_adapter(
         with timer.phase("adapter-load"):
             load_adapter_state(model, received)
     with timer.phase("train"):
-        outcome = train_adapter(model, load_tokenizer(config.model), train_data, loss_settings(config.train, device),
+        outcome = train_adapter(model, kept_tokenizer(config.model), train_data, loss_settings(config.train, device),
                                 job.learning_rate, job.seed, job.proximal_mu)
     return adapter_state(model), outcome
 

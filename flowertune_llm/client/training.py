@@ -27,6 +27,7 @@ from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 
+from flowertune_llm.client import kept_data
 from flowertune_llm.client.imports import hidden_module
 from flowertune_llm.client.per_example_attention import per_example_sdpa
 from flowertune_llm.shared.devices import training_compute_dtype
@@ -218,9 +219,9 @@ def _trainer(
     seed: int,
     output_dir: str,
     train_data: Dataset,
-    eval_data: Dataset | None = None,
     compute_loss_func: Callable | None = None,
 ) -> SFTTrainer:
+    """Return trl's trainer for one round on `train_data`, prepared by trl in this round or kept from an earlier one."""
     base = model.get_base_model()
     # A quantized base computes in its compute dtype (bf16 on a GPU, float32 on a CPU: devices.py says
     # why); bf16 autocast runs the LoRA matmuls in bf16 too, while the LoRA weights themselves stay
@@ -242,16 +243,24 @@ def _trainer(
     # float32 tensors are kept here and put back before the optimizer exists, so the weights and
     # the optimizer state are float32 and the received adapter is not rounded either.
     float32_weights = {name: weight.data for name, weight in model.named_parameters() if weight.requires_grad}
+    args = sft_config(settings, learning_rate, seed, output_dir, bf16=bf16, checkpointing=checkpointing)
+    # The same data prepared alike in an earlier round of this process (kept_data.py): trl's
+    # preparation is skipped and the trainer gets exactly the rows it would have made.
+    key = kept_data.preparation_key(train_data, tokenizer, args)
+    prepared = kept_data.prepared(key)
+    if prepared is not None:
+        args.dataset_kwargs = {"skip_prepare_dataset": True}
     trainer = (ChunkedLossSFTTrainer if chunked else SFTTrainer)(
         **chunked,
         model=model,
-        args=sft_config(settings, learning_rate, seed, output_dir, bf16=bf16, checkpointing=checkpointing),
-        train_dataset=train_data,
-        eval_dataset=eval_data,
+        args=args,
+        train_dataset=train_data if prepared is None else prepared,
         processing_class=tokenizer,
         data_collator=collator,
         compute_loss_func=compute_loss_func,
     )
+    if prepared is None:
+        kept_data.keep(key, trainer.train_dataset)
     for name, weight in model.named_parameters():
         if name in float32_weights:
             weight.data = float32_weights[name].float()
@@ -331,12 +340,21 @@ def evaluate_loss(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_data: Dataset, settings: TrainSettings
 ) -> float:
     """Return the mean response-token loss of the model on held-out data."""
-    # Held-out loss runs in this one process, also on a client that trains on several devices.
-    settings = dataclasses.replace(settings, num_devices=1)
     with flattened_batches(model, settings), tempfile.TemporaryDirectory(prefix="flowertune-eval-") as output_dir:
-        # SFTTrainer insists on a training set; it is never trained on here.
-        trainer = _trainer(
-            model, tokenizer, settings, 0.0, settings.seed, output_dir,
-            train_data=eval_data, eval_data=eval_data,
-        )
+        # SFTTrainer insists on a training set; it is never trained on here, so the held-out data is
+        # that set, prepared once (and kept, kept_data.py) as an evaluation set is: never packed.
+        trainer = _trainer(model, tokenizer, evaluation_settings(settings), 0.0, settings.seed, output_dir,
+                           train_data=eval_data)
+        trainer.eval_dataset = trainer.train_dataset
         return float(trainer.evaluate()["eval_loss"])
+
+
+def evaluation_settings(settings: TrainSettings) -> TrainSettings:
+    """Return the settings of a trainer that only evaluates: one process, examples unpacked, batches as in training.
+
+    Held-out loss runs in this one process, also on a client that trains on several devices. trl
+    evaluates packed training on unpacked examples (`eval_packing=False`) in flattened batches, as
+    padding-free training does.
+    """
+    return dataclasses.replace(settings, num_devices=1, packing=False,
+                               padding_free=settings.padding_free or settings.packing)

@@ -238,8 +238,10 @@ class LoraRounds:
         metrics = super().aggregate_evaluate(server_round, valid + failures)
         if metrics is not None and EVAL_LOSS in metrics:
             stats[EVAL_LOSS] = float(metrics[EVAL_LOSS])
-            if "time-exact-match-s" in metrics:
-                stats["eval_time_exact_match_s"] = round(float(metrics["time-exact-match-s"]), 4)
+            # The clients' evaluation phases (means weighted by examples): held-out loss, exact match.
+            for phase in ("eval-loss", "exact-match"):
+                if f"time-{phase}-s" in metrics:
+                    stats[f"eval_time_{phase.replace('-', '_')}_s"] = round(float(metrics[f"time-{phase}-s"]), 4)
         return metrics
 
     def _log_lost_replies(self, run_round: int, kind: str, sampled: int, replies: list[Message]) -> None:
