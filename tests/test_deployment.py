@@ -10,6 +10,7 @@ processes (`train.num-devices`) from the ClientApp process a SuperNode starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from flowertune_llm.builtin.world import generate_examples, write_jsonl
 from flowertune_llm.tools.credentials import make_supernode_key
 from flowertune_llm.tools.local_deployment import (
     Deployment,
+    StartedProcess,
     is_running,
     process_tree,
     stop_process_tree,
@@ -140,18 +143,39 @@ def test_app_trains_through_superlink_and_supernodes_over_tls(deployment):
     assert lora_b and all(bool(tensor.abs().sum() > 0) for tensor in lora_b)
 
 
+def _children_running(node: StartedProcess, marker: bytes) -> set[int]:
+    """Return the live processes under the SuperNode `node` whose command line contains `marker`."""
+    found = set()
+    for pid in process_tree(node.pid, node.program):
+        try:
+            if pid != node.pid and marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _device_workers(state: Deployment) -> set[int]:
     """Return the live multi-device training workers under the SuperNodes (torchrun itself excluded)."""
-    workers = set()
-    for node in (process for process in state.processes if process.name.startswith("supernode")):
-        for pid in process_tree(node.pid, node.program):
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"flowertune_llm.client.multi_device" in command and b"torch.distributed.run" not in command:
-                workers.add(pid)
-    return workers
+    nodes = [process for process in state.processes if process.name.startswith("supernode")]
+    launched = set().union(*(_children_running(node, b"flowertune_llm.client.multi_device") for node in nodes))
+    launchers = set().union(*(_children_running(node, b"torch.distributed.run") for node in nodes))
+    return launched - launchers
+
+
+@contextlib.contextmanager
+def _flwr_run(run_config: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Start `flwr run . remote-deployment --stream` (output into `log`); SIGKILL its group if still running at the end."""
+    with log.open("w") as stream:
+        run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
+                                "--run-config", run_config], cwd=REPO_ROOT, env=env, stdout=stream,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
 
 
 def test_clients_train_on_two_processes_each_through_supernodes(deployment):
@@ -161,20 +185,12 @@ def test_clients_train_on_two_processes_each_through_supernodes(deployment):
                   "results.run-name='two-devices'")
     log = root / "two-devices-run.log"
     seen: set[int] = set()
-    with log.open("w") as stream:
-        run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
-                                "--run-config", run_config], cwd=REPO_ROOT, env=env, stdout=stream,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _flwr_run(run_config, env, log) as run:
         deadline = time.monotonic() + 540
         while run.poll() is None and time.monotonic() < deadline:
             seen |= _device_workers(state)
             time.sleep(0.2)
         returncode = run.wait(timeout=5)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
     output = log.read_text()
     assert returncode == 0, output[-4000:]
     # Each node's ClientApp (a flwr-clientapp process the SuperNode started) launched 2 workers.
@@ -187,31 +203,16 @@ def test_clients_train_on_two_processes_each_through_supernodes(deployment):
     assert all(bool(tensor.abs().sum() > 0) for name, tensor in final.items() if "lora_B" in name)
 
 
-def _clientapp_running(pid: int, program: str) -> bool:
-    """Return whether the SuperNode `pid` has a live `flwr-clientapp` process (it is training)."""
-    for child in process_tree(pid, program):
-        try:
-            if child != pid and b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def test_killed_supernode_costs_a_timeout_not_a_hang(deployment):
     state, env, root = deployment
     victim = state.process("supernode-1")
     run_config = (f"{RUN} strategy.round-timeout=45.0 strategy.min-available-nodes=1 "
                   "strategy.min-train-nodes=1 results.run-name='killed'")
     log = root / "killed-run.log"
-    with log.open("w") as stream:
-        run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
-                                "--run-config", run_config], cwd=REPO_ROOT, env=env, stdout=stream,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _flwr_run(run_config, env, log) as run:
         # Kill the node (and its ClientApp) as soon as it has started training in round 1.
         deadline = time.monotonic() + 180
-        while not _clientapp_running(victim.pid, victim.program):
+        while not _children_running(victim, b"flwr-clientapp"):
             assert time.monotonic() < deadline and run.poll() is None, log.read_text()[-4000:]
             time.sleep(0.2)
         for pid in process_tree(victim.pid, victim.program):
@@ -220,10 +221,6 @@ def test_killed_supernode_costs_a_timeout_not_a_hang(deployment):
             except ProcessLookupError:
                 pass
         returncode = run.wait(timeout=300)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
     output = log.read_text()
     assert returncode == 0, output[-4000:]
 
