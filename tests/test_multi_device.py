@@ -161,9 +161,10 @@ def test_a_failing_worker_fails_the_round_with_its_error_and_leaves_no_process()
     from flowertune_llm.client.multi_device import MultiDeviceError, RoundJob, train_on_devices
 
     config, data, received = _setup()
-    # An adapter that does not fit the model: every worker raises while loading it.
+    # An adapter that does not fit the model: every worker raises while loading it. Whichever raises
+    # first, torchrun stops the other, which may then leave no traceback: either rank's is the error.
     received["not-a-lora-weight"] = torch.zeros(2)
-    with pytest.raises(MultiDeviceError, match=r"(?s)worker 0 of 2 failed:.*Traceback.*not-a-lora-weight"):
+    with pytest.raises(MultiDeviceError, match=r"(?s)worker [01] of 2 failed:.*Traceback.*not-a-lora-weight"):
         train_on_devices(config, data, received, RoundJob(1e-2, seed=1), timeout_s=600)
     assert not _no_children_left()
 
