@@ -21,6 +21,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -160,7 +161,15 @@ def _device_workers(state: Deployment) -> set[int]:
     nodes = [process for process in state.processes if process.name.startswith("supernode")]
     launched = set().union(*(_children_running(node, b"flowertune_llm.client.multi_device") for node in nodes))
     launchers = set().union(*(_children_running(node, b"torch.distributed.run") for node in nodes))
-    return launched - launchers
+    # A worker is a child of torchrun: a process a worker forks shows the worker's command line until it execs.
+    workers = set()
+    for pid in launched - launchers:
+        try:
+            if psutil.Process(pid).ppid() in launchers:
+                workers.add(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
 
 
 @contextlib.contextmanager
